@@ -1,0 +1,424 @@
+"""The one typed configuration schema of the framework.
+
+Plain dataclasses (litgpt style) merged with OmegaConf: a YAML file, then `key=value` overrides from the command
+line. OmegaConf rejects unknown keys and wrong types against the schema; `__post_init__` checks the values that
+a type cannot express (enumerations, ranges). Every error is re-raised as `ConfigError` naming the file, the key
+and what was expected.
+
+An experiment YAML may start with `base: other.yaml` (resolved relative to the file) to inherit and override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mose_lightning.io import atomic_write_text
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and what was expected."""
+
+
+def _choice(section: str, key: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{key}: expected one of {list(allowed)}, got {value!r}")
+
+
+def _positive(section: str, key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{section}.{key}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+@dataclass
+class ToyBackboneConfig:
+    """Architecture of the tiny randomly initialised Qwen2-VL used on CPU (same class as the real model)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_depth: int = 2
+    vision_embed_dim: int = 32
+    vision_heads: int = 2
+    # Qwen2-VL's multimodal rope splits head_dim/2 into (temporal, height, width) sections.
+    mrope_section: List[int] = field(default_factory=lambda: [2, 3, 3])
+    seed: int = 0
+
+
+@dataclass
+class BackboneConfig:
+    # qwen2_vl | llava | toy
+    name: str = "toy"
+    # Local directory with weights, config and processor (qwen2_vl, llava). Never a hub id: nothing is downloaded.
+    path: Optional[str] = None
+    # A transformers config JSON with the architecture only, used to build the model on the meta device
+    # (`mose params`) when no weights are at hand. Relative paths resolve against the project root.
+    arch: Optional[str] = None
+    # Where the toy backbone (weights + tokenizer + processor) is cached once built.
+    toy_dir: str = "artifacts/toy_backbone"
+    toy: ToyBackboneConfig = field(default_factory=ToyBackboneConfig)
+    # float32 | bfloat16 | float16: dtype the frozen weights are loaded in.
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    # Optional checkpoint (a directory written by mose_lightning.checkpoint) whose backbone weights replace the
+    # fresh ones, e.g. the toy backbone after a brief dense instruction tuning.
+    init_checkpoint: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _choice("backbone", "name", self.name, ["qwen2_vl", "llava", "toy"])
+        _choice("backbone", "dtype", self.dtype, ["float32", "bfloat16", "float16"])
+        _choice("backbone", "attn_implementation", self.attn_implementation, ["eager", "sdpa", "flash_attention_2"])
+
+
+@dataclass
+class MoEConfig:
+    # dense | topk | mose | expert_group: the four model variants of the paper's Table 1.
+    kind: str = "mose"
+    # Which decoder layers get an MoE block: "even" (0, 2, ...), "odd", "all", or an explicit list like "0,4,8".
+    layers: str = "even"
+    # Consecutive MoE layers per hierarchy level (perception, prediction, planning); must sum to the layer count.
+    # Empty: split as evenly as possible, later levels taking the remainder.
+    level_allocation: List[int] = field(default_factory=lambda: [4, 5, 5])
+    # Skill experts per MoSE block (MoSE) or routed experts (topk).
+    num_experts: int = 4
+    # Experts per token for topk.
+    top_k: int = 1
+    shared_expert: bool = True
+    # How shared and routed outputs combine (see mose_lightning/moe/blocks.py for why):
+    #   weighted: shared_weight * shared(x) + (1 - shared_weight) * expert(x); experts are copies of the dense FFN,
+    #             so at initialisation the block computes the dense function exactly.
+    #   sum:      shared(x) + expert(x) with the routed experts' down projection starting at zero (a zero delta).
+    combine: str = "weighted"
+    shared_weight: float = 0.5
+    # MoSE: use the sample's skill labels instead of the router's choice (when the batch carries labels).
+    teacher_forcing: bool = False
+    router_trainable: bool = False
+    # Router pretraining checkpoint (routers.pt) that SFT loads into the MoSE routers.
+    router_checkpoint: Optional[str] = None
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    # auto | grouped_mm | loop: expert matmul dispatch. auto takes grouped_mm on CUDA bf16 SM90+.
+    dispatch: str = "auto"
+    # Group size for expert_group (one expert for image tokens, one for text tokens).
+    group_size: int = 2
+    # Extra parameters to train besides the MoE blocks: fnmatch patterns over parameter names.
+    extra_trainable: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _choice("moe", "kind", self.kind, ["dense", "topk", "mose", "expert_group"])
+        _choice("moe", "combine", self.combine, ["weighted", "sum"])
+        _choice("moe", "dispatch", self.dispatch, ["auto", "grouped_mm", "loop"])
+        if not 0.0 <= self.shared_weight < 1.0:
+            raise ConfigError(f"moe.shared_weight: expected a number in [0, 1), got {self.shared_weight!r}")
+        if self.num_experts < 1:
+            raise ConfigError(f"moe.num_experts: expected >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"moe.top_k: expected 1 <= top_k <= num_experts ({self.num_experts}), got {self.top_k}")
+        if self.group_size != 2:
+            raise ConfigError(f"moe.group_size: only 2 (image expert + text expert) is supported, got {self.group_size}")
+        _positive("moe", "aux_loss_coef", self.aux_loss_coef, allow_zero=True)
+        _positive("moe", "z_loss_coef", self.z_loss_coef, allow_zero=True)
+        if any(n <= 0 for n in self.level_allocation):
+            raise ConfigError(f"moe.level_allocation: expected positive layer counts, got {list(self.level_allocation)}")
+
+
+@dataclass
+class SkillsConfig:
+    # YAML file with the hierarchy levels and their skills (configs/skills/driving.yaml).
+    taxonomy: str = "configs/skills/driving.yaml"
+
+
+@dataclass
+class SyntheticConfig:
+    """Size of the procedurally generated driving VQA set that make targets create when it is missing."""
+
+    out_dir: str = "artifacts/data/synthetic"
+    num_train: int = 1200
+    num_val: int = 150
+    num_test: int = 150
+    seed: int = 0
+    image_width: int = 224
+    image_height: int = 126
+
+
+@dataclass
+class DataConfig:
+    # Shard lists: a path, a brace pattern (data/train-{000000..000009}.tar), a comma-separated list, or any URL
+    # WebDataset opens. Empty train_shards with the toy default means "create the synthetic set".
+    train_shards: str = ""
+    val_shards: str = ""
+    test_shards: str = ""
+    # Images are resized to (width, height) before the processor (paper: 800x450).
+    image_width: int = 800
+    image_height: int = 450
+    # Tokens per sample after the processor; longer samples follow `overlong`.
+    max_length: int = 2048
+    # skip: drop and count the sample | truncate_prompt: cut question text tokens from the left (never the
+    # answer, never image tokens) until it fits, counted.
+    overlong: str = "skip"
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    num_workers: int = 0
+    shuffle_buffer: int = 256
+    # Samples each rank draws per training epoch (resampled shards keep ranks in step). 0: the dataset size / world.
+    samples_per_epoch: int = 0
+    seed: int = 0
+    # Use the red-box image encoding for regional questions (the sample already carries it when converted).
+    system_prompt: str = "You are a careful driving assistant."
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        _choice("data", "overlong", self.overlong, ["skip", "truncate_prompt"])
+        for key in ("image_width", "image_height", "max_length", "batch_size", "eval_batch_size"):
+            _positive("data", key, getattr(self, key))
+
+
+@dataclass
+class OptimConfig:
+    # adamw only for now; paper-like defaults.
+    name: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # cosine | constant | linear, after a linear warm-up.
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("optim", "name", self.name, ["adamw"])
+        _choice("optim", "scheduler", self.scheduler, ["cosine", "constant", "linear"])
+        _positive("optim", "lr", self.lr)
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: str = "1"
+    num_nodes: int = 1
+    # auto | ddp | ddp_spawn | fsdp | deepspeed is not supported on purpose (see README).
+    strategy: str = "auto"
+    # 32-true | bf16-mixed | 16-mixed | bf16-true
+    precision: str = "32-true"
+    max_steps: int = 200
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+    log_every_n_steps: int = 10
+    val_every_n_steps: int = 100
+    limit_val_batches: int = 0
+    checkpoint_every_n_steps: int = 50
+    activation_checkpointing: bool = False
+    # stop | skip: what a non-finite loss does.
+    nonfinite: str = "stop"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("trainer", "strategy", self.strategy, ["auto", "ddp", "ddp_spawn", "fsdp", "single_device"])
+        _choice("trainer", "precision", self.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"])
+        _choice("trainer", "nonfinite", self.nonfinite, ["stop", "skip"])
+        _positive("trainer", "max_steps", self.max_steps)
+
+
+@dataclass
+class RouterPretrainConfig:
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    # Fraction of the training samples held out for accuracy/confusion when no val_shards are given.
+    holdout_fraction: float = 0.0
+    # Limit the annotated samples used (the paper finds ~2000 enough). 0: all.
+    max_samples: int = 0
+    cache_dir: str = "artifacts/router_cache"
+
+
+@dataclass
+class LLMClientConfig:
+    """An OpenAI-compatible chat endpoint (OpenAI itself, a local vLLM, ...)."""
+
+    model: str = "gpt-4o"
+    base_url: Optional[str] = None
+    # Name of the environment variable holding the key; the key itself never enters a config or a log.
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.0
+    max_tokens: int = 512
+    max_concurrency: int = 8
+    max_retries: int = 5
+    timeout_s: float = 60.0
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 30.0
+    cache_dir: str = "artifacts/llm_cache"
+
+
+@dataclass
+class JudgeConfig:
+    enabled: bool = False
+    client: LLMClientConfig = field(default_factory=lambda: LLMClientConfig(model="gpt-4o-2024-05-13"))
+    # Directory with system prompts (general.txt, regional.txt, suggestion.txt, drivelm.txt) and few-shot JSON
+    # files; the shipped defaults live in mose_lightning/resources/judge.
+    prompts_dir: Optional[str] = None
+    # Times an unparsable reply is asked again before it counts as a failure.
+    parse_retries: int = 2
+
+
+@dataclass
+class AnnotateConfig:
+    # rule | gpt
+    annotator: str = "rule"
+    client: LLMClientConfig = field(default_factory=LLMClientConfig)
+    use_image: bool = False
+    # Annotate only this many samples (sampled with `seed`); 0: all.
+    sample: int = 0
+    seed: int = 0
+    # The maintained annotation rules given to the LLM annotator, one sentence each.
+    rules: List[str] = field(
+        default_factory=lambda: [
+            "A question about the whole scene uses the perception skill for whole-scene key objects.",
+            "A question about one marked region or one tagged object uses the region/object skill.",
+            "Questions about traffic lights, signs or lane markings use the traffic-control perception skill.",
+            "Moving vehicles, cyclists and pedestrians whose motion or intent matters use the dynamic-agents prediction skill.",
+            "Cones, barriers, construction zones and debris use the static-hazards prediction skill.",
+            "Asking which objects matter most or in what order uses the importance prediction skill.",
+            "An answer that tells the ego car to stop, wait or yield uses the stop-or-yield planning skill.",
+            "Lane changes, detours, overtaking and turns use the manoeuvre planning skill.",
+            "Slowing down, keeping distance or driving carefully uses the caution planning skill.",
+            "When no rule clearly applies to a level, use that level's general skill.",
+        ]
+    )
+
+    def __post_init__(self) -> None:
+        _choice("annotate", "annotator", self.annotator, ["rule", "gpt"])
+
+
+@dataclass
+class EvalConfig:
+    # Which shards to evaluate: test (data.test_shards) or val.
+    split: str = "test"
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    # Cap on evaluated samples (0: all), for quick looks.
+    limit: int = 0
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    # Samples shown in the HTML report.
+    html_samples: int = 50
+
+    def __post_init__(self) -> None:
+        _choice("eval", "split", self.split, ["test", "val"])
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "toy_mose"
+    # Everything a run writes goes here. Empty: runs/<name>/<stage>.
+    run_dir: str = ""
+    # A previous stage's checkpoint directory (expert-group starts from MoSE SFT; eval loads it). Empty with the
+    # toy default: the make targets create it.
+    init_from: str = ""
+    seed: int = 0
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    skills: SkillsConfig = field(default_factory=SkillsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    router_pretrain: RouterPretrainConfig = field(default_factory=RouterPretrainConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _read_yaml_with_bases(path: Path, seen: tuple = ()) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself ({' -> '.join(map(str, seen + (path,)))})")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry line numbers; keep them
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = node.pop("base", None)
+    if base is None:
+        return node
+    parent = _read_yaml_with_bases((path.parent / str(base)).resolve(), seen + (path,))
+    return OmegaConf.merge(parent, node)
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    if key:
+        return f"key `{key}`: {msg}"
+    return msg
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Schema defaults <- YAML file (with its `base` chain) <- `key=value` overrides, validated."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    layers = []
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        layers.append(_read_yaml_with_bases(Path(path).resolve()))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r}: expected key=value")
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from err
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command-line override: {_describe(err)}") from err
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from err
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from err
+    assert isinstance(cfg, ExperimentConfig)
+    return cfg
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> ExperimentConfig:
+    """Rebuild (and validate) a config saved by `save_config`."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"saved config: {_describe(err)}") from err
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the fully resolved config next to a run's outputs."""
+    out = Path(run_dir) / "config.yaml"
+    atomic_write_text(out, to_yaml(cfg))
+    return out
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Paths in configs are relative to the current directory if they exist there, else to the project root."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    candidate = PROJECT_ROOT / p
+    return candidate if candidate.exists() else p
