@@ -1,0 +1,272 @@
+"""The MoE blocks that replace a decoder layer's FFN. Backbone-agnostic: they see (B, T, H) hidden states and a
+`RoutingContext`; backbone surgery (mose_lightning/surgery.py) puts them in place and feeds the context.
+
+  MoSEBlock         shared expert + N skill experts; one router per layer picks one skill expert per *sample*
+                    from the mean of the prompt tokens entering the layer (hard top-1).
+  ExpertGroupBlock  the paper's scaling variant: each skill owns a group of 2 experts, one for image tokens and
+                    one for text tokens; the skill router is reused unchanged.
+  TopKMoEBlock      the token-level baseline (MoE 4x1 / 8x1): softmax router, top-k, Switch load-balancing loss
+                    and router z-loss, no token dropping, plus the shared expert.
+
+Why outputs combine as they do. All experts, and the shared expert, start as copies of the dense FFN they
+replace (sparse upcycling), and at initialisation the model must compute exactly the dense model's function, so
+fine-tuning starts from the instruction-tuned model rather than from a perturbed one. Two combinations keep that:
+  weighted (default): w * shared(x) + (1 - w) * routed(x). Both terms equal dense(x) at start, so any w works;
+                      w = 0.5 treats the shared and the skill expert as equals.
+  sum:                shared(x) + routed(x) with the routed experts' down projection zeroed, i.e. each skill
+                      expert starts as a zero delta on top of the dense FFN (a residual-adapter view).
+The routed term is also multiplied by p / p.detach() for the chosen expert's router probability p: exactly 1 in
+the forward pass (so the equivalence holds, and routing stays hard top-1 as in the paper), yet the router gets
+a gradient when it is trainable.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mose_lightning.moe.experts import StackedSwiGLUExperts, sort_rows_by_expert
+from mose_lightning.moe.routing import (
+    RouteDecision,
+    RoutingContext,
+    SequenceSkillRouter,
+    TokenTopKRouter,
+    load_balancing_loss,
+    masked_mean,
+    router_z_loss,
+)
+
+
+class _SharedPlusRouted(nn.Module):
+    """The part every MoE block shares: an optional shared expert and the combination rule."""
+
+    def __init__(self, shared: Optional[nn.Module], combine: str, shared_weight: float) -> None:
+        super().__init__()
+        if combine not in ("weighted", "sum"):
+            raise ValueError(f"combine: expected 'weighted' or 'sum', got {combine!r}")
+        self.shared = shared
+        self.combine = combine
+        self.shared_weight = shared_weight if shared is not None else 0.0
+
+    def _combine(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        if self.shared is None:
+            return routed
+        shared = self.shared(x)
+        if self.combine == "sum":
+            return shared + routed
+        return self.shared_weight * shared + (1.0 - self.shared_weight) * routed
+
+
+def _upcycled_experts(dense_mlp: nn.Module, num_experts: int, activation: str, dispatch: str, combine: str):
+    experts = StackedSwiGLUExperts.from_dense(dense_mlp, num_experts, activation, dispatch)
+    if combine == "sum" and experts.down_proj.device.type != "meta":
+        with torch.no_grad():
+            experts.down_proj.zero_()
+    return experts
+
+
+class _SequenceRoutedBlock(_SharedPlusRouted):
+    """Common routing of MoSE and expert groups: one skill per sample, decided from the prompt tokens."""
+
+    def __init__(
+        self,
+        shared: Optional[nn.Module],
+        experts: StackedSwiGLUExperts,
+        router: SequenceSkillRouter,
+        context: RoutingContext,
+        level_index: int,
+        level_name: str,
+        layer_index: int,
+        combine: str,
+        shared_weight: float,
+    ) -> None:
+        super().__init__(shared, combine, shared_weight)
+        self.experts = experts
+        self.router = router
+        self.context = context
+        self.level_index = level_index
+        self.level_name = level_name
+        self.layer_index = layer_index
+        self.last_route: Optional[RouteDecision] = None
+        self.last_expert_counts: Optional[torch.Tensor] = None
+
+    @property
+    def num_skills(self) -> int:
+        return self.router.classifier.out_features
+
+    def route(self, layer_input: torch.Tensor) -> RouteDecision:
+        """Decide this layer's skill expert per sample from the hidden states entering the decoder layer.
+
+        On cached decode steps the decision made on the prompt is reused: the router input is the prompt's mean,
+        which the new token does not change, so re-routing could only cost time.
+        """
+        ctx = self.context
+        last = self.last_route
+        if ctx.decoding and last is not None and last.expert.shape[0] == layer_input.shape[0]:
+            return last
+        mask = ctx.prompt_mask if ctx.prompt_mask is not None else ctx.attention_mask
+        if mask is not None and mask.shape != layer_input.shape[:2]:
+            raise ValueError(
+                f"routing mask of shape {tuple(mask.shape)} does not match the layer input {tuple(layer_input.shape[:2])}"
+            )
+        pooled = masked_mean(layer_input, mask)
+        logits = self.router(pooled)
+        probs = logits.softmax(dim=-1)
+        expert = probs.argmax(dim=-1)
+        forced = False
+        if ctx.teacher_forcing and ctx.skill_labels is not None:
+            labels = ctx.skill_labels[:, self.level_index].to(expert.device)
+            expert = torch.where(labels >= 0, labels, expert)
+            forced = True
+        prob = probs.gather(1, expert.unsqueeze(1)).squeeze(1)
+        self.last_route = RouteDecision(expert, prob, probs, logits, forced, pooled.detach())
+        return self.last_route
+
+    def _current_route(self, x: torch.Tensor) -> RouteDecision:
+        route = self.last_route
+        if route is None or route.expert.shape[0] != x.shape[0]:
+            # Used without the decoder-layer hook (e.g. on its own in a test or a benchmark): route on the FFN input.
+            route = self.route(x)
+        return route
+
+    def _gate_scale(self, route: RouteDecision) -> torch.Tensor:
+        if torch.is_grad_enabled() and route.prob.requires_grad:
+            return route.prob / route.prob.detach()
+        return torch.ones_like(route.prob)
+
+
+class MoSEBlock(_SequenceRoutedBlock):
+    """Shared expert + `num_experts` skill experts, hard top-1 skill routing per sample."""
+
+    @classmethod
+    def upcycle(
+        cls,
+        dense_mlp: nn.Module,
+        num_experts: int,
+        activation: str,
+        context: RoutingContext,
+        level_index: int,
+        level_name: str,
+        layer_index: int,
+        shared_expert: bool = True,
+        combine: str = "weighted",
+        shared_weight: float = 0.5,
+        dispatch: str = "auto",
+    ) -> "MoSEBlock":
+        weight = dense_mlp.gate_proj.weight
+        experts = _upcycled_experts(dense_mlp, num_experts, activation, dispatch, combine if shared_expert else "weighted")
+        router = SequenceSkillRouter(weight.shape[1], num_experts, device=weight.device, dtype=weight.dtype)
+        shared = copy.deepcopy(dense_mlp) if shared_expert else None
+        return cls(shared, experts, router, context, level_index, level_name, layer_index, combine, shared_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        route = self._current_route(x)
+        num_experts = self.experts.num_experts
+        # Whole sequences go to one expert: sort the batch by expert, then each expert's rows are contiguous.
+        order, inverse, counts = sort_rows_by_expert(route.expert, num_experts)
+        routed = self.experts(x[order].reshape(batch * seq, hidden), counts * seq)
+        routed = routed.view(batch, seq, hidden)[inverse]
+        routed = routed * self._gate_scale(route).to(routed.dtype).view(batch, 1, 1)
+        self.last_expert_counts = counts.detach()
+        return self._combine(x, routed)
+
+
+class ExpertGroupBlock(_SequenceRoutedBlock):
+    """Each skill owns experts (2s, 2s+1): 2s serves image tokens, 2s+1 text tokens."""
+
+    IMAGE, TEXT = 0, 1
+
+    @classmethod
+    def from_mose(cls, block: MoSEBlock) -> "ExpertGroupBlock":
+        """Scale a trained MoSE block: copy each skill expert into both members of its group, keep the router."""
+        skills = block.experts.num_experts
+        experts = StackedSwiGLUExperts.from_experts(block.experts, [s for s in range(skills) for _ in range(2)])
+        return cls(
+            block.shared, experts, block.router, block.context, block.level_index, block.level_name,
+            block.layer_index, block.combine, block.shared_weight,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        route = self._current_route(x)
+        image = self.context.image_mask
+        if image is None or image.shape != (batch, seq):
+            image = torch.zeros(batch, seq, dtype=torch.bool, device=x.device)
+        modality = torch.where(image.to(x.device), self.IMAGE, self.TEXT)
+        expert_of_token = (2 * route.expert.view(batch, 1) + modality).reshape(-1)
+        order, inverse, counts = sort_rows_by_expert(expert_of_token, self.experts.num_experts)
+        routed = self.experts(x.reshape(-1, hidden)[order], counts)[inverse].view(batch, seq, hidden)
+        routed = routed * self._gate_scale(route).to(routed.dtype).view(batch, 1, 1)
+        self.last_expert_counts = counts.detach()
+        return self._combine(x, routed)
+
+
+class TopKMoEBlock(_SharedPlusRouted):
+    """Token-level top-k MoE (the paper's MoE baselines) with load-balancing and z losses, no token dropping."""
+
+    def __init__(
+        self,
+        shared: Optional[nn.Module],
+        experts: StackedSwiGLUExperts,
+        router: TokenTopKRouter,
+        context: RoutingContext,
+        layer_index: int,
+        combine: str,
+        shared_weight: float,
+        aux_loss_coef: float,
+        z_loss_coef: float,
+    ) -> None:
+        super().__init__(shared, combine, shared_weight)
+        self.experts = experts
+        self.router = router
+        self.context = context
+        self.layer_index = layer_index
+        self.aux_loss_coef = aux_loss_coef
+        self.z_loss_coef = z_loss_coef
+        self.last_expert_counts: Optional[torch.Tensor] = None
+        self.last_aux: Optional[dict] = None
+
+    @classmethod
+    def upcycle(
+        cls,
+        dense_mlp: nn.Module,
+        num_experts: int,
+        top_k: int,
+        activation: str,
+        context: RoutingContext,
+        layer_index: int,
+        shared_expert: bool = True,
+        combine: str = "weighted",
+        shared_weight: float = 0.5,
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        dispatch: str = "auto",
+    ) -> "TopKMoEBlock":
+        weight = dense_mlp.gate_proj.weight
+        experts = _upcycled_experts(dense_mlp, num_experts, activation, dispatch, combine if shared_expert else "weighted")
+        router = TokenTopKRouter(weight.shape[1], num_experts, top_k, device=weight.device, dtype=weight.dtype)
+        shared = copy.deepcopy(dense_mlp) if shared_expert else None
+        return cls(shared, experts, router, context, layer_index, combine, shared_weight, aux_loss_coef, z_loss_coef)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        flat = x.reshape(-1, hidden)
+        logits, probs, top_i, weights = self.router(flat)
+        k = top_i.shape[1]
+        valid = self.context.attention_mask
+        valid = valid.reshape(-1).bool() if valid is not None and valid.shape == (batch, seq) else None
+        if torch.is_grad_enabled():
+            balance = load_balancing_loss(probs, top_i, self.experts.num_experts, valid)
+            z = router_z_loss(logits, valid)
+            self.last_aux = {"load_balancing": balance.detach(), "z_loss": z.detach()}
+            self.context.aux_losses.append(self.aux_loss_coef * balance + self.z_loss_coef * z)
+        order, inverse, counts = sort_rows_by_expert(top_i.reshape(-1), self.experts.num_experts)
+        routed = self.experts(flat[order // k], counts)[inverse].view(-1, k, hidden)
+        # Reshape-sum over the k slots instead of an index_add_ scatter.
+        routed = (routed * weights.to(routed.dtype).unsqueeze(-1)).sum(dim=1).view(batch, seq, hidden)
+        self.last_expert_counts = counts.detach()
+        return self._combine(x, routed)

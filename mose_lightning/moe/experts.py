@@ -1,0 +1,141 @@
+"""Stacked SwiGLU experts and their dispatch.
+
+Experts are stored like transformers 5.x MoE models: one parameter per projection with the expert as the leading
+dimension, `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I). A caller sorts its rows (tokens, or the tokens of
+whole sequences) by expert and passes how many rows each expert gets; the experts then run one matmul chain per
+expert. There is no per-expert `nonzero`/`where` scan and no tokens x experts x capacity tensor.
+
+Two interchangeable kernels:
+  * grouped_mm: `torch.nn.functional.grouped_mm`, one launch for all experts. Fast on CUDA SM90+ in bf16, which
+    is where `dispatch="auto"` takes it.
+  * loop: `torch.split` of the sorted rows, one `F.linear` pair per non-empty expert. On CPU this is as good as
+    it gets, and it is the reference the grouped path is tested against.
+Because the whole stack is one parameter, every expert is part of the autograd graph every step, so DDP never
+sees "unused parameters" when an expert gets no rows on some rank.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+def _use_grouped_mm(x: torch.Tensor, dispatch: str) -> bool:
+    if dispatch == "loop":
+        return False
+    if dispatch == "grouped_mm":
+        return True
+    # auto: the CUTLASS kernel exists only for bf16 on Hopper and newer; elsewhere grouped_mm is a loop in disguise.
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+class StackedSwiGLUExperts(nn.Module):
+    """`num_experts` SwiGLU FFNs: down(act(gate(x)) * up(x)) per expert, weights stacked on dim 0."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "silu",
+        dispatch: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.activation = activation
+        self.dispatch = dispatch
+        factory = {"device": device, "dtype": dtype}
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
+        self.act_fn = ACT2FN[activation]
+        if self.gate_up_proj.device.type != "meta":
+            nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
+            nn.init.normal_(self.down_proj, std=intermediate_size**-0.5)
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Module, num_experts: int, activation: str, dispatch: str = "auto") -> "StackedSwiGLUExperts":
+        """Sparse upcycling: every expert starts as an exact copy of a dense SwiGLU MLP (gate/up/down_proj)."""
+        gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        if any(getattr(m, "bias", None) is not None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            raise ValueError("upcycling expects a bias-free SwiGLU MLP (gate_proj/up_proj/down_proj without bias)")
+        experts = cls(
+            num_experts, gate.shape[1], gate.shape[0], activation, dispatch, device=gate.device, dtype=gate.dtype
+        )
+        if gate.device.type != "meta":
+            with torch.no_grad():
+                experts.gate_up_proj.copy_(torch.cat([gate, up], dim=0).unsqueeze(0).expand_as(experts.gate_up_proj))
+                experts.down_proj.copy_(down.unsqueeze(0).expand_as(experts.down_proj))
+        return experts
+
+    @classmethod
+    def from_experts(cls, source: "StackedSwiGLUExperts", index: Sequence[int]) -> "StackedSwiGLUExperts":
+        """New stack whose expert j is a copy of `source`'s expert index[j] (used to build expert groups)."""
+        out = cls(
+            len(index), source.hidden_size, source.intermediate_size, source.activation, source.dispatch,
+            device=source.gate_up_proj.device, dtype=source.gate_up_proj.dtype,
+        )
+        idx = torch.as_tensor(list(index), device=source.gate_up_proj.device)
+        with torch.no_grad():
+            out.gate_up_proj.copy_(source.gate_up_proj[idx])
+            out.down_proj.copy_(source.down_proj[idx])
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+            f"act={self.activation}, dispatch={self.dispatch}"
+        )
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows of `x_sorted` (N, H) are grouped by expert: the first counts[0] go to expert 0, and so on.
+
+        `counts` is an (E,) integer tensor summing to N. Returns (N, H) in the same row order.
+        """
+        if _use_grouped_mm(x_sorted, self.dispatch):
+            return self._forward_grouped(x_sorted, counts)
+        return self._forward_loop(x_sorted, counts)
+
+    def _forward_loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # One host sync for the split sizes, then plain matmuls; empty experts are skipped entirely.
+        sizes = counts.tolist()
+        outputs = []
+        for expert, chunk in enumerate(torch.split(x_sorted, sizes)):
+            if chunk.shape[0] == 0:
+                continue
+            gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
+            outputs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
+        if not outputs:
+            return x_sorted.new_zeros(x_sorted.shape)
+        return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+
+    def _forward_grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = torch.cumsum(counts, dim=0).to(torch.int32)
+        # grouped_mm wants (E, K, N) right operands; a transposed view of the stored (E, N, K) is accepted as is.
+        gate_up = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offs)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        if out.requires_grad:
+            # grouped_mm's backward rejects broadcast (stride-0) gradients such as those of `.sum()`.
+            out.register_hook(lambda grad: grad.contiguous())
+        return out
+
+
+def sort_rows_by_expert(expert_of_row: torch.Tensor, num_experts: int):
+    """Stable order that groups rows by expert, its inverse, and the rows per expert."""
+    order = torch.argsort(expert_of_row, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.bincount(expert_of_row, minlength=num_experts)
+    return order, inverse, counts

@@ -1,0 +1,137 @@
+"""Routers and the per-forward routing context shared by all MoE blocks of one model.
+
+A decoder layer's MLP sees only hidden states. What a router also needs (which tokens are prompt tokens, which
+are image tokens, the sample's skill labels, whether this forward is a cached decode step) is set once per forward
+on a `RoutingContext` that every block of the model holds a reference to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouteDecision:
+    """One MoSE layer's choice for a batch: a skill expert per sample."""
+
+    expert: torch.Tensor  # (B,) long
+    prob: torch.Tensor  # (B,) router probability of the chosen expert (keeps the router's gradient)
+    probs: torch.Tensor  # (B, E)
+    logits: torch.Tensor  # (B, E)
+    teacher_forced: bool = False
+    pooled: Optional[torch.Tensor] = None  # (B, H) detached router input, cached by router pretraining
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward inputs of the routers, set by the model wrapper before each backbone call."""
+
+    # (B, T) bool: tokens the routers pool over (image + question). Padding and answer tokens are excluded so that
+    # training (prompt + answer in one sequence) and generation (prompt only) give the same router input.
+    prompt_mask: Optional[torch.Tensor] = None
+    # (B, T) bool: image-token positions (expert groups split tokens by modality).
+    image_mask: Optional[torch.Tensor] = None
+    # (B, T) attention mask of the current forward (top-k aux losses ignore padding).
+    attention_mask: Optional[torch.Tensor] = None
+    # (B, num_levels) long: expert index of the sample's skill per level, -1 where unknown.
+    skill_labels: Optional[torch.Tensor] = None
+    teacher_forcing: bool = False
+    # True on cached decode steps: MoSE blocks reuse the routes decided on the prompt instead of re-routing.
+    decoding: bool = False
+    # Auxiliary losses (top-k load balancing, z-loss) appended by blocks during this forward.
+    aux_losses: List[torch.Tensor] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.prompt_mask = self.image_mask = self.attention_mask = self.skill_labels = None
+        self.decoding = False
+        self.aux_losses = []
+
+
+def masked_mean(hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over the sequence of (B, T, H) hidden states where mask (B, T) is true, in float32."""
+    hidden = hidden.float()
+    if mask is None:
+        return hidden.mean(dim=1)
+    mask = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+class SequenceSkillRouter(nn.Module):
+    """Linear skill classifier on the mean-pooled tokens entering a MoSE layer (T_mean in the paper).
+
+    The pooled vector is RMS-normalised without parameters first: residual-stream magnitudes differ by orders of
+    magnitude between layers of a pretrained LLM, and one learning rate should suit the router of every layer.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, device=None, dtype=None) -> None:
+        super().__init__()
+        # Stored in the backbone's dtype (FSDP flattens a layer's parameters into one dtype), computed in float32.
+        self.classifier = nn.Linear(hidden_size, num_experts, bias=True, device=device, dtype=dtype)
+        if self.classifier.weight.device.type != "meta":
+            nn.init.normal_(self.classifier.weight, std=hidden_size**-0.5)
+            nn.init.zeros_(self.classifier.bias)
+
+    @staticmethod
+    def normalise(pooled: torch.Tensor) -> torch.Tensor:
+        return pooled * torch.rsqrt(pooled.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, H) pooled hidden states -> (B, E) logits (float32)."""
+        weight, bias = self.classifier.weight.float(), self.classifier.bias.float()
+        return F.linear(self.normalise(pooled.float()), weight, bias)
+
+
+class TokenTopKRouter(nn.Module):
+    """Token-level softmax router of the top-k MoE baseline (a fresh bias-free Linear, as MoE-LLaVA)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
+        if self.gate.weight.device.type != "meta":
+            nn.init.normal_(self.gate.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor):
+        """(N, H) tokens -> logits (N, E) fp32, probs (N, E), top-k indices (N, k), combine weights (N, k).
+
+        Combine weights are the top-k probabilities divided by their (detached) sum: they sum to one in the
+        forward pass, so upcycled copies of one FFN mix back to exactly that FFN, while the router still gets a
+        gradient through the numerators, also for k = 1.
+        """
+        logits = self.gate(x).float()
+        probs = logits.softmax(dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        weights = top_p / top_p.sum(dim=-1, keepdim=True).detach()
+        return logits, probs, top_i, weights
+
+
+def load_balancing_loss(probs: torch.Tensor, top_i: torch.Tensor, num_experts: int, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Switch-Transformer aux loss E * sum_i f_i * P_i over valid tokens.
+
+    f_i: fraction of the (token, slot) assignments that go to expert i; P_i: mean router probability of expert i.
+    Equals 1 for perfectly uniform routing.
+    """
+    if valid is not None:
+        probs = probs[valid]
+        top_i = top_i[valid]
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    assignments = F.one_hot(top_i, num_experts).float().sum(dim=1)  # (N, E)
+    f = assignments.sum(dim=0) / assignments.sum()
+    p = probs.mean(dim=0)
+    return num_experts * (f * p).sum()
+
+
+def router_z_loss(logits: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """mean(logsumexp(logits)^2): keeps router logits small (ST-MoE)."""
+    if valid is not None:
+        logits = logits[valid]
+    if logits.shape[0] == 0:
+        return logits.new_zeros(())
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()

@@ -1,0 +1,216 @@
+"""MoE blocks on their own (no backbone): upcycling, routing, modality split, aux losses, both dispatch kernels."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mose_lightning.moe import (
+    ExpertGroupBlock,
+    MoSEBlock,
+    RoutingContext,
+    StackedSwiGLUExperts,
+    TopKMoEBlock,
+    load_balancing_loss,
+    router_z_loss,
+)
+
+H, I = 16, 24
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden=H, inter=I):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def expert_fn(experts: StackedSwiGLUExperts, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Independent per-expert reference written from the stacked weights."""
+    gate, up = (x @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+    return (nn.functional.silu(gate) * up) @ experts.down_proj[e].T
+
+
+def randomise(block):
+    """Make experts differ so routing mistakes become visible."""
+    torch.manual_seed(123)
+    with torch.no_grad():
+        block.experts.gate_up_proj.normal_(std=0.3)
+        block.experts.down_proj.normal_(std=0.3)
+    return block
+
+
+@pytest.fixture
+def dense():
+    torch.manual_seed(0)
+    return SwiGLU()
+
+
+@pytest.mark.parametrize("combine", ["weighted", "sum"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_upcycled_blocks_compute_the_dense_function(dense, combine, shared):
+    x = torch.randn(3, 7, H)
+    ctx = RoutingContext(image_mask=torch.rand(3, 7) > 0.5)
+    mose = MoSEBlock.upcycle(dense, 4, "silu", ctx, 0, "perception", 0, shared, combine)
+    topk = TopKMoEBlock.upcycle(dense, 8, 2, "silu", ctx, 0, shared, combine)
+    group = ExpertGroupBlock.from_mose(MoSEBlock.upcycle(dense, 4, "silu", ctx, 0, "perception", 0, shared, combine))
+    ref = dense(x)
+    for block in (mose, topk, group):
+        torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sum_combination_starts_skill_experts_as_zero_delta(dense):
+    block = MoSEBlock.upcycle(dense, 4, "silu", RoutingContext(), 0, "perception", 0, True, "sum")
+    assert torch.count_nonzero(block.experts.down_proj) == 0
+    torch.testing.assert_close(block.experts.gate_up_proj[2], torch.cat([dense.gate_proj.weight, dense.up_proj.weight]))
+
+
+def test_mose_routes_whole_samples_by_router_argmax(dense):
+    ctx = RoutingContext()
+    block = randomise(MoSEBlock.upcycle(dense, 4, "silu", ctx, 0, "perception", 0))
+    x = torch.randn(5, 6, H)
+    ctx.prompt_mask = torch.ones(5, 6, dtype=torch.bool)
+    ctx.prompt_mask[:, 4:] = False  # the last two tokens are "answer" tokens
+    route = block.route(x)
+    pooled = x[:, :4].mean(dim=1)
+    pooled = pooled / pooled.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    logits = pooled @ block.router.classifier.weight.T + block.router.classifier.bias
+    assert route.expert.tolist() == logits.argmax(-1).tolist()
+    out = block(x)
+    for b in range(5):
+        e = int(route.expert[b])
+        expected = 0.5 * dense(x[b]) + 0.5 * expert_fn(block.experts, e, x[b])
+        torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_router_reads_prompt_tokens_only_and_reuses_routes_while_decoding(dense):
+    ctx = RoutingContext()
+    block = randomise(MoSEBlock.upcycle(dense, 4, "silu", ctx, 0, "perception", 0))
+    x = torch.randn(2, 6, H)
+    ctx.prompt_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    first = block.route(x).logits.clone()
+    y = x.clone()
+    y[0, 3:] = 100.0  # answer / padding tokens change: the router input must not
+    y[1, 5] = -50.0
+    torch.testing.assert_close(block.route(y).logits, first)
+    z = x.clone()
+    z[0, 0] += 3.0
+    assert not torch.allclose(block.route(z).logits, first)
+    decided = block.route(x).expert.clone()
+    ctx.decoding = True
+    reused = block.route(torch.randn(2, 1, H))
+    assert torch.equal(reused.expert, decided)
+
+
+def test_teacher_forcing_uses_labels_and_falls_back_to_router_where_unlabelled(dense):
+    ctx = RoutingContext(teacher_forcing=True)
+    block = randomise(MoSEBlock.upcycle(dense, 4, "silu", ctx, 1, "prediction", 2))
+    x = torch.randn(3, 4, H)
+    free = block.route(x).expert.clone()
+    ctx.skill_labels = torch.tensor([[0, 3, 1], [2, -1, 0], [1, 2, 2]])
+    forced = block.route(x)
+    assert forced.expert.tolist() == [3, int(free[1]), 2]
+    ctx.teacher_forcing = False
+    assert torch.equal(block.route(x).expert, free)
+
+
+def test_expert_group_splits_tokens_by_modality(dense):
+    ctx = RoutingContext()
+    mose = randomise(MoSEBlock.upcycle(dense, 3, "silu", ctx, 0, "perception", 0))
+    group = ExpertGroupBlock.from_mose(mose)
+    assert group.experts.num_experts == 6 and group.router is mose.router
+    # Both members of a group start as the skill expert they were copied from.
+    torch.testing.assert_close(group.experts.down_proj[4], mose.experts.down_proj[2])
+    torch.testing.assert_close(group.experts.down_proj[5], mose.experts.down_proj[2])
+    with torch.no_grad():
+        group.experts.gate_up_proj.normal_(std=0.3)  # now image and text members differ
+    x = torch.randn(2, 5, H)
+    ctx.image_mask = torch.tensor([[1, 1, 0, 0, 0], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    skill = group.route(x).expert
+    out = group(x)
+    for b in range(2):
+        for t in range(5):
+            member = 2 * int(skill[b]) + (0 if ctx.image_mask[b, t] else 1)
+            expected = 0.5 * dense(x[b, t]) + 0.5 * expert_fn(group.experts, member, x[b, t])
+            torch.testing.assert_close(out[b, t], expected, rtol=1e-5, atol=1e-5)
+    assert group.last_expert_counts.sum() == 10
+
+
+def test_topk_aux_losses_match_hand_computed_values():
+    # Two experts, tokens x1 = e1 (logits ln3, 0 -> p = 3/4, 1/4) and x2 = e2 (p = 1/4, 3/4); the 4th is padding.
+    probs = torch.tensor([[0.75, 0.25], [0.75, 0.25], [0.25, 0.75], [0.1, 0.9]])
+    top_i = torch.tensor([[0], [0], [1], [1]])
+    valid = torch.tensor([True, True, True, False])
+    # f = (2/3, 1/3), P = (1.75/3, 1.25/3), aux = 2 * (2/3 * 1.75/3 + 1/3 * 1.25/3) = 9.5 / 9
+    assert load_balancing_loss(probs, top_i, 2, valid).item() == pytest.approx(9.5 / 9)
+    logits = torch.tensor([[math.log(3), 0.0], [math.log(3), 0.0], [0.0, math.log(3)], [5.0, 5.0]])
+    assert router_z_loss(logits, valid).item() == pytest.approx(math.log(4) ** 2)
+
+    block = TopKMoEBlock.upcycle(SwiGLU(2, 4), 2, 1, "silu", RoutingContext(), 0, aux_loss_coef=0.01, z_loss_coef=0.001)
+    with torch.no_grad():
+        block.router.gate.weight.copy_(torch.tensor([[math.log(3), 0.0], [0.0, math.log(3)]]))
+    block.context.attention_mask = valid.view(1, 4)
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])
+    block(x)
+    # Padding token (logits 0, 0) is excluded, so the losses are exactly the hand-computed ones.
+    expected = 0.01 * 9.5 / 9 + 0.001 * math.log(4) ** 2
+    assert block.context.aux_losses[0].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_topk_without_token_dropping_sends_every_token_to_k_experts(dense):
+    ctx = RoutingContext()
+    block = randomise(TopKMoEBlock.upcycle(dense, 4, 2, "silu", ctx, 0))
+    x = torch.randn(2, 9, H)
+    block(x)
+    assert int(block.last_expert_counts.sum()) == 2 * 9 * 2
+
+
+@pytest.mark.parametrize("kind", ["mose", "group", "topk"])
+def test_grouped_mm_and_loop_dispatch_agree_forward_and_backward(dense, kind):
+    def make(dispatch):
+        torch.manual_seed(7)
+        ctx = RoutingContext(image_mask=torch.rand(4, 8, generator=torch.Generator().manual_seed(1)) > 0.5)
+        if kind == "topk":
+            block = TopKMoEBlock.upcycle(dense, 4, 2, "silu", ctx, 0, dispatch=dispatch)
+        else:
+            block = MoSEBlock.upcycle(dense, 4, "silu", ctx, 0, "perception", 0, dispatch=dispatch)
+            if kind == "group":
+                block = ExpertGroupBlock.from_mose(block)
+        return randomise(block)
+
+    x = torch.randn(4, 8, H)
+    outs, grads = [], []
+    for dispatch in ("loop", "grouped_mm"):
+        block = make(dispatch)
+        xin = x.clone().requires_grad_()
+        out = block(xin)
+        out.sum().backward()  # a broadcast gradient, the case grouped_mm's backward needs made contiguous
+        outs.append(out.detach())
+        grads.append((xin.grad, block.experts.gate_up_proj.grad, block.experts.down_proj.grad))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_trainable_router_gets_gradient_through_hard_choice_without_changing_output(dense):
+    ctx = RoutingContext()
+    block = randomise(MoSEBlock.upcycle(dense, 4, "silu", ctx, 0, "perception", 0))
+    x = torch.randn(3, 5, H)
+    with torch.no_grad():
+        reference = block(x)
+    block.last_route = None
+    out = block(x)
+    torch.testing.assert_close(out, reference)
+    out.pow(2).sum().backward()
+    assert block.router.classifier.weight.grad is not None
+    assert block.router.classifier.weight.grad.abs().sum() > 0
+    # Unchosen experts receive exactly zero gradient, chosen ones a nonzero one, all from one stacked parameter.
+    chosen = set(block.last_route.expert.tolist())
+    for e in range(4):
+        g = block.experts.down_proj.grad[e].abs().sum()
+        assert (g > 0) == (e in chosen)
