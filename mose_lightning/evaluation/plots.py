@@ -1,0 +1,196 @@
+"""Analysis figures (PNG, matplotlib Agg): skill-chain frequencies, expert usage, expert weight similarity (paper
+Fig. 7) and data scaling (paper Fig. 8).
+
+Each `*_figure` function builds a figure (for TensorBoard's `add_figure`); each `plot_*` saves it atomically and
+returns the path.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: training nodes have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mose_lightning.io import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def predicted_chain(skill_chain: Sequence[Mapping]) -> Optional[str]:
+    """'perception skill > prediction skill > ...' from a record's per-layer routing (None when empty).
+
+    A level spans several MoE layers that may route differently; the level's skill is its most frequent one
+    (ties: the earliest layer's), levels in the order they first appear.
+    """
+    if not skill_chain:
+        return None
+    per_level: Dict[str, List[str]] = {}
+    for entry in sorted(skill_chain, key=lambda e: e.get("layer", 0)):
+        per_level.setdefault(str(entry.get("level")), []).append(str(entry.get("skill")))
+    parts = []
+    for skills in per_level.values():
+        counts = Counter(skills)
+        best = max(counts.values())
+        parts.append(next(s for s in skills if counts[s] == best))
+    return " > ".join(parts)
+
+
+def skill_chain_frequency_figure(records: Iterable[Mapping], top_k: int = 5):
+    """Per task, horizontal bars of the `top_k` most frequent predicted skill chains (fraction of the task)."""
+    by_task: Dict[str, Counter] = {}
+    for r in records:
+        chain = predicted_chain(r.get("skill_chain") or [])
+        if chain is not None:
+            by_task.setdefault(str(r.get("task")), Counter())[chain] += 1
+    if not by_task:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No skill chains recorded (dense or top-k model)", ha="center", va="center")
+        return fig
+    tasks = sorted(by_task)
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(8, 1.0 + 0.45 * top_k * len(tasks)), squeeze=False)
+    for ax, task in zip(axes[:, 0], tasks):
+        counts = by_task[task]
+        total = sum(counts.values())
+        top = counts.most_common(top_k)[::-1]  # most frequent on top
+        ax.barh([c for c, _ in top], [n / total for _, n in top], color="tab:blue")
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{task} (n={total})", fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+    axes[-1, 0].set_xlabel("fraction of samples")
+    fig.tight_layout()
+    return fig
+
+
+def plot_skill_chain_frequency(records: Iterable[Mapping], path: str | os.PathLike, top_k: int = 5) -> Path:
+    return _save(skill_chain_frequency_figure(records, top_k), path)
+
+
+def expert_usage_figure(usage, layer_labels: Sequence[str]):
+    """Heatmap of how often each expert is chosen per MoE layer (rows normalised to fractions)."""
+    usage = np.asarray(usage, dtype=float)
+    if usage.ndim != 2:
+        raise ValueError(f"expert usage must be a (layers, experts) array, got shape {usage.shape}")
+    if len(layer_labels) != usage.shape[0]:
+        raise ValueError(f"{len(layer_labels)} layer labels for {usage.shape[0]} layers of expert usage")
+    totals = usage.sum(axis=1, keepdims=True)
+    frac = np.divide(usage, totals, out=np.zeros_like(usage), where=totals > 0)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * usage.shape[1], 1.0 + 0.35 * usage.shape[0]))
+    im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(usage.shape[1]))
+    ax.set_xlabel("expert")
+    ax.set_yticks(range(usage.shape[0]))
+    ax.set_yticklabels(list(layer_labels), fontsize=8)
+    fig.colorbar(im, ax=ax, label="fraction of tokens/samples")
+    ax.set_title("Expert usage per MoE layer")
+    fig.tight_layout()
+    return fig
+
+
+def plot_expert_usage(usage, layer_labels: Sequence[str], path: str | os.PathLike) -> Path:
+    return _save(expert_usage_figure(usage, layer_labels), path)
+
+
+def expert_weight_similarity(stacked_weights: Sequence) -> np.ndarray:
+    """(E, E) cosine similarity of the experts' flattened weights (paper Fig. 7).
+
+    `stacked_weights`: tensors or arrays shaped (E, ...), e.g. one MoE layer's stacked gate/up/down projections;
+    each expert's slices are flattened and concatenated into one vector.
+    """
+    if not stacked_weights:
+        raise ValueError("expert_weight_similarity: give at least one stacked weight tensor")
+    parts = []
+    for i, w in enumerate(stacked_weights):
+        arr = w.detach().float().cpu().numpy() if hasattr(w, "detach") else np.asarray(w, dtype=np.float64)
+        if arr.ndim < 2:
+            raise ValueError(f"stacked_weights[{i}] must be shaped (experts, ...), got shape {arr.shape}")
+        parts.append(arr.reshape(arr.shape[0], -1).astype(np.float64))
+    experts = {p.shape[0] for p in parts}
+    if len(experts) != 1:
+        raise ValueError(f"stacked weights disagree on the number of experts: {sorted(experts)}")
+    flat = np.concatenate(parts, axis=1)
+    norms = np.linalg.norm(flat, axis=1, keepdims=True)
+    unit = np.divide(flat, norms, out=np.zeros_like(flat), where=norms > 0)
+    return np.clip(unit @ unit.T, -1.0, 1.0)
+
+
+def weight_similarity_figure(matrix, labels: Sequence[str], transform: str = "none"):
+    """Heatmap of an expert similarity matrix.
+
+    transform="log" shows -log10(1 - cos): experts initialised as copies of one FFN stay at cos 0.999..., which a
+    linear colour scale renders as one flat colour (the paper log-transforms for the same reason).
+    """
+    m = np.asarray(matrix, dtype=float)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"similarity matrix must be square, got shape {m.shape}")
+    if len(labels) != m.shape[0]:
+        raise ValueError(f"{len(labels)} labels for a {m.shape[0]}x{m.shape[0]} similarity matrix")
+    if transform == "log":
+        shown, cbar = -np.log10(np.clip(1.0 - m, 1e-12, None)), "-log10(1 - cosine)"
+    elif transform == "none":
+        shown, cbar = m, "cosine similarity"
+    else:
+        raise ValueError(f"transform: expected 'none' or 'log', got {transform!r}")
+    # The diagonal (self-similarity 1, i.e. 12 after the log) would swamp the colour range of the pairs.
+    off_diag = shown[~np.eye(m.shape[0], dtype=bool)]
+    vmin, vmax = (float(off_diag.min()), float(off_diag.max())) if off_diag.size else (None, None)
+    if vmin is not None and vmin == vmax:
+        vmin, vmax = None, None
+    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * m.shape[0], 1.0 + 0.8 * m.shape[0]))
+    im = ax.imshow(shown, cmap="magma", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(m.shape[0]))
+    ax.set_xticklabels(list(labels), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(m.shape[0]))
+    ax.set_yticklabels(list(labels), fontsize=8)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=7, color="grey")
+    fig.colorbar(im, ax=ax, label=cbar)
+    ax.set_title("Expert weight similarity")
+    fig.tight_layout()
+    return fig
+
+
+def plot_weight_similarity(matrix, labels: Sequence[str], path: str | os.PathLike, transform: str = "none") -> Path:
+    return _save(weight_similarity_figure(matrix, labels, transform), path)
+
+
+def data_scaling_figure(results: Mapping[str, Mapping[float, Tuple[float, float]]], metric: str = "Score"):
+    """One line per variant: metric against the fraction of training data, error bars = std (paper Fig. 8)."""
+    if not results:
+        raise ValueError("data scaling: no variants to plot")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, points in results.items():
+        fracs = sorted(points, key=float)
+        means = [float(points[f][0]) for f in fracs]
+        stds = [float(points[f][1] or 0.0) for f in fracs]
+        ax.errorbar([100.0 * float(f) for f in fracs], means, yerr=stds, marker="o", capsize=3, label=str(variant))
+    ax.set_xlabel("training data used (%)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Data scaling")
+    fig.tight_layout()
+    return fig
+
+
+def plot_data_scaling(
+    results: Mapping[str, Mapping[float, Tuple[float, float]]], path: str | os.PathLike, metric: str = "Score"
+) -> Path:
+    return _save(data_scaling_figure(results, metric), path)
