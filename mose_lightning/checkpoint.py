@@ -31,12 +31,16 @@ META = "model.json"
 MODEL_DEFINING = ("backbone", "moe", "skills")
 
 
-def _saved_state(model) -> Dict[str, torch.Tensor]:
-    moe_prefixes = tuple(f"{name}." for name, module in model.backbone.named_modules() if module in model.layout.blocks)
+def _saved_state(model, full_state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Trainable and MoE-block parameters. `full_state` (backbone parameter name -> tensor) replaces the live
+    parameters when they are sharded, e.g. the gathered state dict of an FSDP run."""
+    block_ids = set(map(id, model.layout.blocks))
+    moe_prefixes = tuple(f"{name}." for name, module in model.backbone.named_modules() if id(module) in block_ids)
     state = {}
     for name, param in model.backbone.named_parameters():
         if param.requires_grad or name.startswith(moe_prefixes):
-            state[name] = param.detach().to("cpu").contiguous()
+            value = full_state[name] if full_state is not None else param
+            state[name] = value.detach().to("cpu").contiguous()
     return state
 
 
@@ -54,12 +58,12 @@ def backbone_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_model(model, directory: str | os.PathLike) -> Path:
+def save_model(model, directory: str | os.PathLike, full_state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        state = _saved_state(model)
+        state = _saved_state(model, full_state)
         save_file(state, str(tmp / WEIGHTS))
         save_config(model.cfg, tmp)
         meta = {

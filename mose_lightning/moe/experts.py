@@ -110,6 +110,12 @@ class StackedSwiGLUExperts(nn.Module):
     def _forward_loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # One host sync for the split sizes, then plain matmuls; empty experts are skipped entirely.
         sizes = counts.tolist()
+        if self.activation == "silu":
+            # Fused loop with a hand-written backward: outputs and gradients are written straight into their rows
+            # of preallocated buffers (no torch.cat, no chunk-backward cat) and each expert's weight gradient into
+            # its slice of one stacked gradient, instead of autograd's per-expert full-size zero tensors that
+            # `gate_up_proj[e]` indexing would create and then sum.
+            return _SiluExpertLoop.apply(x_sorted, self.gate_up_proj, self.down_proj, sizes)
         outputs = []
         for expert, chunk in enumerate(torch.split(x_sorted, sizes)):
             if chunk.shape[0] == 0:
@@ -130,6 +136,77 @@ class StackedSwiGLUExperts(nn.Module):
             # grouped_mm's backward rejects broadcast (stride-0) gradients such as those of `.sum()`.
             out.register_hook(lambda grad: grad.contiguous())
         return out
+
+
+class _SiluExpertLoop(torch.autograd.Function):
+    """SwiGLU experts on rows grouped by expert (silu activation), one matmul chain per non-empty expert.
+
+    Computes what the autograd loop computes, with the same kernels (matmuls, silu, silu_backward) and the same
+    saved activations, in the same row order.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate_up_proj, down_proj, sizes):
+        x = x.contiguous()
+        num_rows, hidden = x.shape
+        inter = down_proj.shape[-1]
+        gate_up = x.new_empty(num_rows, 2 * inter)  # pre-activations, saved for the backward
+        act = x.new_empty(num_rows, inter)  # silu(gate), saved for the backward
+        h = x.new_empty(num_rows, inter)  # silu(gate) * up, the down projection's input
+        out = x.new_empty(num_rows, hidden)
+        start = 0
+        for expert, n in enumerate(sizes):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            gu = gate_up[rows]
+            torch.mm(x[rows], gate_up_proj[expert].t(), out=gu)
+            torch.mul(F.silu(gu[:, :inter], out=act[rows]), gu[:, inter:], out=h[rows])
+            torch.mm(h[rows], down_proj[expert].t(), out=out[rows])
+            start += n
+        if start != num_rows:
+            raise ValueError(f"expert row counts sum to {start}, but {num_rows} rows were given")
+        ctx.sizes = sizes
+        ctx.save_for_backward(x, gate_up_proj, down_proj, gate_up, act, h)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate_up_proj, down_proj, gate_up, act, h = ctx.saved_tensors
+        need_x, need_gu, need_down = ctx.needs_input_grad[:3]
+        grad_out = grad_out.contiguous()
+        inter = down_proj.shape[-1]
+        grad_x = torch.empty_like(x) if need_x else None
+        # Stacked weight gradients: used experts' slices are overwritten below, only unused ones need zeros.
+        grad_gu_w = torch.empty_like(gate_up_proj) if need_gu else None
+        grad_down_w = torch.empty_like(down_proj) if need_down else None
+        d_gate_up = torch.empty_like(gate_up)
+        start = 0
+        for expert, n in enumerate(ctx.sizes):
+            if n == 0:
+                if grad_gu_w is not None:
+                    grad_gu_w[expert].zero_()
+                if grad_down_w is not None:
+                    grad_down_w[expert].zero_()
+                continue
+            rows = slice(start, start + n)
+            start += n
+            g_out = grad_out[rows]
+            if grad_down_w is not None:
+                torch.mm(g_out.t(), h[rows], out=grad_down_w[expert])
+            if not (need_x or need_gu):
+                continue
+            d_h = torch.mm(g_out, down_proj[expert])  # (n, I)
+            gate, up = gate_up[rows, :inter], gate_up[rows, inter:]
+            d_gu = d_gate_up[rows]
+            torch.mul(d_h, act[rows], out=d_gu[:, inter:])  # d up = d_h * silu(gate)
+            # d gate = silu'(gate) * (d_h * up), with the fused kernel autograd's SiluBackward uses
+            torch.ops.aten.silu_backward.grad_input(d_h.mul_(up), gate, grad_input=d_gu[:, :inter])
+            if grad_gu_w is not None:
+                torch.mm(d_gu.t(), x[rows], out=grad_gu_w[expert])
+            if grad_x is not None:
+                torch.mm(d_gu, gate_up_proj[expert], out=grad_x[rows])
+        return grad_x, grad_gu_w, grad_down_w, None
 
 
 def sort_rows_by_expert(expert_of_row: torch.Tensor, num_experts: int):

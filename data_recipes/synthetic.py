@@ -1,0 +1,666 @@
+"""A procedurally drawn driving-scene VQA set in the CODA-LM task format, with ground-truth skills.
+
+Purpose: a data set a tiny model learns in minutes on a CPU, where the image decides the answer and the skill
+chain is known exactly, so skill routing can be trained and checked end to end without the real data.
+
+Scenes (PIL drawing, default 224x126 = 16:9): a three-lane road seen from the ego car (ego lane in the middle,
+left and right lanes, sidewalks), sky, dashed lane lines. Objects of the seven CODA-LM categories: vehicles (car,
+truck; white, blue or black), vulnerable road users (pedestrian, cyclist), traffic signs (stop sign, speed limit
+sign), traffic lights (red, yellow or green lamp lit), traffic cones, barriers, and debris (miscellaneous). An
+object has a lane (left/ego/right, or sidewalk/roadside/overhead), a distance (near/mid/far: lower in the image
+and bigger when nearer) and a motion, drawn as a cyan arrow: up = driving ahead, sideways = crossing, diagonal
+towards the ego lane = cutting in; no arrow = static.
+
+Every object plays a role; the role decides the object's text and its prediction and planning skills:
+
+    role            object                        prediction       planning        importance rank
+    red_light       red light                     general          stop_or_yield   1
+    stop_sign       stop sign                     general          stop_or_yield   1
+    ped_crossing    pedestrian crossing ego lane  dynamic_agents   stop_or_yield   2
+    barrier_block   barrier in ego lane           static_hazards   manoeuvre       3
+    cones_block     cones in ego lane             static_hazards   manoeuvre       3
+    debris_block    debris in ego lane            static_hazards   manoeuvre       3
+    slow_car_ahead  vehicle close ahead           dynamic_agents   caution         4
+    cyclist_ahead   cyclist ahead in ego lane     dynamic_agents   caution         4
+    car_cut_in      car merging from a side lane  dynamic_agents   caution         4
+    yellow_light    yellow light                  general          caution         5
+    speed_sign      speed limit sign              general          caution         5
+    side_cones      cones in a side lane          static_hazards   caution         5
+    green_light     green light                   general          general         6
+    far_car         vehicle far ahead in ego lane general          caution         7
+    parked_car      parked car far in side lane   general          general         (distractor)
+    sidewalk_ped    pedestrian on a sidewalk      general          general         (distractor)
+
+A scene has no key object (clear road), one, or two key objects of different rank, plus up to two distractors.
+Manoeuvres go to the left lane unless an object occupies it (near/mid), then to the right.
+
+Tasks (one sample per scene, tasks in turn), fixed question per task so the question never leaks the answer:
+  general     "The most important object is <key 1>. <effect 1> Next is the <key 2>." (or one key object, or clear)
+  regional    the object inside a red rectangle (width 2) drawn on the image: "<object>. <effect>"; `region` set
+  suggestion  the advice of the most important object, "Also watch the <key 2>." when there is a second one
+Skills per level (exact names of configs/skills/driving.yaml), by the same rules that write the answer:
+  perception  regional -> region_object; most important object is a light or sign -> traffic_control;
+              general task with a key object other than far_car -> scene_key_objects; else general
+  prediction  regional -> the boxed object's role; two key objects -> object_importance; one -> its role;
+              none -> general
+  planning    regional -> the boxed object's role; else the most important object's role; none -> general
+
+Deterministic: a sample is drawn from random.Random("synthetic:<seed>:<split>:<index>"), so each split gets its
+own stream and identical arguments give byte-identical shards (fixed tar metadata, deterministic JPEG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from PIL import Image, ImageDraw
+
+from data_recipes.common import ConversionReport, progress
+from mose_lightning.data.sample import Sample, encode_jpeg, make_key
+from mose_lightning.data.shards import ShardWriter, prepare_output_dirs
+
+TASK_ORDER = ("general", "regional", "suggestion")
+QUESTIONS = {
+    "general": "Describe the objects in this driving scene that affect the ego car and explain why.",
+    "regional": "Describe the object inside the red rectangle and explain how it affects the ego car.",
+    "suggestion": "Give a driving suggestion for the ego car in this scene.",
+}
+SPLIT_NAMES = ("train", "val", "test")
+VIEW = "front"
+JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    category: str
+    prediction: str
+    planning: str
+    rank: int  # 1 = most important; distractors 99
+    slot: str  # ego | side | overhead | roadside | sidewalk
+    distances: Tuple[str, ...]
+    traffic_control: bool = False
+    weight: float = 1.0  # how often it is the most important object of a scene
+
+
+ROLES: Dict[str, Role] = {
+    r.name: r
+    for r in (
+        Role("red_light", "traffic_light", "general", "stop_or_yield", 1, "overhead", ("mid", "far"), True, 0.9),
+        Role("stop_sign", "traffic_sign", "general", "stop_or_yield", 1, "roadside", ("mid",), True, 0.7),
+        Role("ped_crossing", "vru", "dynamic_agents", "stop_or_yield", 2, "ego", ("near", "mid"), False, 1.2),
+        Role("barrier_block", "barrier", "static_hazards", "manoeuvre", 3, "ego", ("near", "mid"), False, 0.9),
+        Role("cones_block", "traffic_cone", "static_hazards", "manoeuvre", 3, "ego", ("near", "mid"), False, 0.9),
+        Role("debris_block", "miscellaneous", "static_hazards", "manoeuvre", 3, "ego", ("near", "mid"), False, 0.9),
+        Role("slow_car_ahead", "vehicle", "dynamic_agents", "caution", 4, "ego", ("near",), False, 0.7),
+        Role("cyclist_ahead", "vru", "dynamic_agents", "caution", 4, "ego", ("near", "mid"), False, 0.7),
+        Role("car_cut_in", "vehicle", "dynamic_agents", "caution", 4, "side", ("near", "mid"), False, 0.8),
+        Role("yellow_light", "traffic_light", "general", "caution", 5, "overhead", ("mid", "far"), True, 0.4),
+        Role("speed_sign", "traffic_sign", "general", "caution", 5, "roadside", ("mid",), True, 0.35),
+        Role("side_cones", "traffic_cone", "static_hazards", "caution", 5, "side", ("near", "mid"), False, 0.7),
+        Role("green_light", "traffic_light", "general", "general", 6, "overhead", ("mid", "far"), True, 0.9),
+        Role("far_car", "vehicle", "general", "caution", 7, "ego", ("far",), False, 0.4),
+        Role("parked_car", "vehicle", "general", "general", 99, "side", ("far",), False, 0.0),
+        Role("sidewalk_ped", "vru", "general", "general", 99, "sidewalk", ("mid", "far"), False, 0.0),
+    )
+}
+KEY_ROLES = [r for r in ROLES.values() if r.rank < 99]
+DISTRACTOR_ROLES = [r for r in ROLES.values() if r.rank == 99]
+# Scene mix: share of clear roads and of scenes with a second key object (object_importance).
+P_CLEAR = 0.10
+P_SECOND = 0.5
+
+VEHICLE_COLORS = {"white": (235, 235, 235), "blue": (40, 80, 200), "black": (20, 20, 22)}
+CLOTHES = [(200, 60, 60), (60, 140, 60), (230, 200, 60), (120, 60, 160), (240, 240, 240)]
+ARROW_COLOR = (0, 230, 255)
+BOX_COLOR = (255, 0, 0)
+LAMP_COLORS = {"red": (255, 20, 20), "yellow": (255, 210, 0), "green": (0, 230, 60)}
+LANE_NAMES = {-1: "left", 0: "ego", 1: "right"}
+DIST_WORDS = {"near": "close ahead", "mid": "ahead", "far": "far ahead"}
+
+
+@dataclass
+class Obj:
+    role: Role
+    lane: int = 0  # -1 left, 0 ego, 1 right (side/sidewalk/roadside use the sign for the side)
+    distance: str = "mid"
+    kind: str = ""  # car | truck | pedestrian | cyclist | ...
+    color: str = ""
+    motion: str = "static"  # static | ahead | crossing_left | crossing_right | cut_in
+    bbox: Tuple[float, float, float, float] = (0, 0, 0, 0)  # x0, y0, x1, y1 in pixels
+
+    def describe(self) -> Dict[str, Any]:
+        return {
+            "role": self.role.name, "category": self.role.category, "kind": self.kind, "color": self.color or None,
+            "lane": LANE_NAMES.get(self.lane, str(self.lane)), "distance": self.distance, "motion": self.motion,
+            "bbox": [round(v, 1) for v in self.bbox],
+        }
+
+
+@dataclass
+class Scene:
+    keys: List[Obj] = field(default_factory=list)  # most important first
+    distractors: List[Obj] = field(default_factory=list)
+    manoeuvre_side: str = "left"
+
+    @property
+    def objects(self) -> List[Obj]:
+        return self.keys + self.distractors
+
+
+# --- scene sampling ----------------------------------------------------------------------------------------------
+
+
+def _place(role: Role, rng: random.Random, used: set) -> Optional[Obj]:
+    """An object for the role in a free slot, or None when its slots are taken (one object per lane/slot)."""
+    dist = rng.choice(role.distances)
+    if role.slot == "ego":
+        slot, lane = ("lane", 0), 0
+    elif role.slot == "side":
+        free = [l for l in (-1, 1) if ("lane", l) not in used]
+        if not free:
+            return None
+        lane = rng.choice(free)
+        slot = ("lane", lane)
+    elif role.slot == "sidewalk":
+        lane = rng.choice((-1, 1))
+        slot = ("sidewalk", lane)
+    else:  # overhead lights, roadside signs: one traffic-control object per scene
+        lane, slot = 1, ("control",)
+    if slot in used:
+        return None
+    used.add(slot)
+    obj = Obj(role=role, lane=lane, distance=dist)
+    name = role.name
+    if role.category == "vehicle":
+        obj.kind = "truck" if name in ("slow_car_ahead", "far_car") and rng.random() < 0.35 else "car"
+        obj.color = rng.choice(sorted(VEHICLE_COLORS))
+        obj.motion = {"car_cut_in": "cut_in", "parked_car": "static"}.get(name, "ahead")
+    elif name in ("ped_crossing", "sidewalk_ped"):
+        obj.kind = "pedestrian"
+        obj.motion = rng.choice(("crossing_left", "crossing_right")) if name == "ped_crossing" else "static"
+    elif name == "cyclist_ahead":
+        obj.kind, obj.motion = "cyclist", "ahead"
+    elif role.category == "traffic_light":
+        obj.kind = name.split("_")[0]  # lamp colour
+    else:
+        obj.kind = {"stop_sign": "stop sign", "speed_sign": "speed limit sign", "barrier_block": "barrier",
+                    "cones_block": "traffic cones", "side_cones": "traffic cones", "debris_block": "debris"}[name]
+    return obj
+
+
+def sample_scene(rng: random.Random) -> Scene:
+    scene = Scene()
+    used: set = set()
+    if rng.random() >= P_CLEAR:
+        first = rng.choices(KEY_ROLES, weights=[r.weight for r in KEY_ROLES])[0]
+        scene.keys.append(_place(first, rng, used))
+        if rng.random() < P_SECOND:
+            later = [r for r in KEY_ROLES if r.rank > first.rank and not (r.traffic_control and first.traffic_control)]
+            rng.shuffle(later)
+            for role in later:
+                obj = _place(role, rng, used)
+                if obj is not None:
+                    scene.keys.append(obj)
+                    break
+    for _ in range(rng.choice((0, 1, 1, 2))):
+        role = rng.choice(DISTRACTOR_ROLES)
+        obj = _place(role, rng, used)
+        if obj is not None:
+            scene.distractors.append(obj)
+    # Left unless something near/mid occupies the left lane (far parked cars do not block a lane change).
+    left_busy = any(o.lane == -1 and o.role.slot == "side" and o.distance != "far" for o in scene.objects)
+    scene.manoeuvre_side = "right" if left_busy else "left"
+    return scene
+
+
+# --- text, by rule -----------------------------------------------------------------------------------------------
+
+
+def phrase(o: Obj) -> str:
+    """Noun phrase naming the object and where it is (lower case)."""
+    n, side, dist = o.role.name, LANE_NAMES.get(o.lane, ""), DIST_WORDS[o.distance]
+    if o.role.category == "traffic_light":
+        return f"a {o.kind} traffic light ahead"
+    if o.role.category == "traffic_sign":
+        return f"a {o.kind} on the right side"
+    if n == "ped_crossing":
+        return f"a pedestrian {dist} crossing the ego lane to the {o.motion.split('_')[1]}"
+    if n in ("barrier_block", "cones_block"):
+        return f"{'a barrier' if n == 'barrier_block' else 'traffic cones'} {dist} blocking the ego lane"
+    if n == "debris_block":
+        return f"debris {dist} in the ego lane"
+    if n in ("slow_car_ahead", "far_car"):
+        return f"a {o.color} {o.kind} {dist} in the ego lane"
+    if n == "cyclist_ahead":
+        return f"a cyclist {dist} riding in the ego lane"
+    if n == "car_cut_in":
+        return f"a {o.color} car {dist} cutting in from the {side} lane"
+    if n == "side_cones":
+        return f"traffic cones {dist} in the {side} lane"
+    if n == "parked_car":
+        return f"a parked {o.color} car far ahead in the {side} lane"
+    if n == "sidewalk_ped":
+        return f"a pedestrian standing on the {side} sidewalk"
+    raise KeyError(n)
+
+
+def short_name(o: Obj) -> str:
+    """What the suggestion tells the driver to watch."""
+    n, side = o.role.name, LANE_NAMES.get(o.lane, "")
+    if o.role.category in ("traffic_light", "traffic_sign"):
+        return {"red_light": "red light", "yellow_light": "yellow light", "green_light": "green light"}.get(n, o.kind)
+    if n in ("car_cut_in", "side_cones"):
+        return f"{'car' if n == 'car_cut_in' else 'traffic cones'} in the {side} lane"
+    if n in ("slow_car_ahead", "far_car"):
+        return f"{o.kind} ahead"
+    return {"ped_crossing": "pedestrian", "cyclist_ahead": "cyclist", "barrier_block": "barrier",
+            "cones_block": "traffic cones", "debris_block": "debris"}.get(n, o.kind)
+
+
+def effect(o: Obj, scene: Scene) -> str:
+    n = o.role.name
+    if n in ("barrier_block", "cones_block", "debris_block"):
+        return f"The ego car must change to the {scene.manoeuvre_side} lane."
+    return {
+        "red_light": "The ego car must stop and wait.",
+        "stop_sign": "The ego car must stop first.",
+        "ped_crossing": "The ego car must yield to the pedestrian.",
+        "slow_car_ahead": "The ego car should keep a safe distance.",
+        "cyclist_ahead": "The ego car should keep a safe distance.",
+        "car_cut_in": "The ego car should slow down and leave space.",
+        "yellow_light": "The ego car should prepare to stop.",
+        "speed_sign": "The ego car should keep a moderate speed.",
+        "side_cones": "The road is narrowed, so the ego car should slow down.",
+        "green_light": "The ego car may go on in its lane.",
+        "far_car": "It is far away, so the ego car keeps a safe distance.",
+        "parked_car": "It does not affect the ego car.",
+        "sidewalk_ped": "It does not affect the ego car.",
+    }[n]
+
+
+def advice(o: Optional[Obj], scene: Scene) -> str:
+    if o is None:
+        return "Keep the lane and keep a steady speed."
+    n = o.role.name
+    if n in ("barrier_block", "cones_block", "debris_block"):
+        return f"Slow down and change to the {scene.manoeuvre_side} lane to pass the {short_name(o)}."
+    if n in ("slow_car_ahead", "cyclist_ahead"):
+        return f"Slow down and keep a safe distance from the {short_name(o)}."
+    if n == "car_cut_in":
+        return f"Slow down and leave space for the car merging from the {LANE_NAMES[o.lane]} lane."
+    if n == "side_cones":
+        return f"Slow down, the {LANE_NAMES[o.lane]} lane is narrowed by traffic cones."
+    if n == "far_car":
+        return f"Keep the lane and a safe distance from the {o.kind} far ahead."
+    return {
+        "red_light": "Stop and wait until the light turns green.",
+        "stop_sign": "Stop at the stop sign, then go on when the way is clear.",
+        "ped_crossing": "Stop and yield to the pedestrian crossing ahead.",
+        "yellow_light": "Slow down and prepare to stop at the yellow light.",
+        "speed_sign": "Keep the lane and keep a moderate speed.",
+        "green_light": "Go on through the green light and keep the lane.",
+    }[n]
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def answer_and_skills(scene: Scene, task: str, target: Optional[Obj] = None) -> Tuple[str, Dict[str, str]]:
+    """The answer text and the ground-truth skill chain, from the same rules (see module doc)."""
+    keys = scene.keys
+    first = keys[0] if keys else None
+    if task == "regional":
+        assert target is not None
+        text = f"{_cap(phrase(target))}. {effect(target, scene)}"
+        return text, {"perception": "region_object", "prediction": target.role.prediction, "planning": target.role.planning}
+    if first is not None and first.role.traffic_control:
+        perception = "traffic_control"
+    elif task == "general" and any(o.role.name != "far_car" for o in keys):
+        perception = "scene_key_objects"
+    else:
+        perception = "general"
+    if len(keys) >= 2:
+        prediction = "object_importance"
+    else:
+        prediction = first.role.prediction if first else "general"
+    planning = first.role.planning if first else "general"
+    if task == "general":
+        if first is None:
+            text = "The road ahead is clear. No object affects the ego car."
+        elif len(keys) == 1:
+            text = f"{_cap(phrase(first))}. {effect(first, scene)}"
+        else:
+            text = f"The most important object is {phrase(first)}. {effect(first, scene)} Next is the {short_name(keys[1])}."
+    else:
+        text = advice(first, scene)
+        if len(keys) >= 2:
+            text += f" Also watch the {short_name(keys[1])}."
+    return text, {"perception": perception, "prediction": prediction, "planning": planning}
+
+
+# --- drawing -----------------------------------------------------------------------------------------------------
+
+
+class Canvas:
+    """Perspective of the road: horizon, lane width at the bottom, depth scale of a row."""
+
+    DIST_Y = {"near": 0.93, "mid": 0.70, "far": 0.55}
+
+    def __init__(self, width: int, height: int):
+        self.w, self.h = width, height
+        self.horizon = 0.40 * height
+        self.lane_w = 0.42 * width
+
+    def base_y(self, distance: str) -> float:
+        return self.DIST_Y[distance] * self.h
+
+    def scale(self, y: float) -> float:
+        return max(0.0, (y - self.horizon) / (self.h - self.horizon))
+
+    def x(self, y: float, offset: float) -> float:
+        """Image x of a lateral offset in lanes from the ego lane centre, at row y."""
+        return self.w / 2 + offset * self.lane_w * self.scale(y)
+
+    def unit(self, y: float) -> float:
+        """Pixels of one lane width at row y (object sizes are multiples of it)."""
+        return self.lane_w * self.scale(y)
+
+
+def _jitter(rng: random.Random, color: Tuple[int, int, int], amount: int = 10) -> Tuple[int, ...]:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in color)
+
+
+def _draw_background(d: ImageDraw.ImageDraw, c: Canvas, rng: random.Random) -> None:
+    w, h, hy = c.w, c.h, c.horizon
+    d.rectangle([0, 0, w, hy], fill=_jitter(rng, (160, 200, 235)))
+    d.rectangle([0, hy, w, h], fill=_jitter(rng, (100, 135, 85)))  # verges
+    far_y = hy + 1
+    walk = [(c.x(far_y, -2.1), far_y), (c.x(far_y, 2.1), far_y), (c.x(h, 2.1), h), (c.x(h, -2.1), h)]
+    d.polygon(walk, fill=_jitter(rng, (175, 175, 170), 6))  # sidewalks
+    road = [(c.x(far_y, -1.5), far_y), (c.x(far_y, 1.5), far_y), (c.x(h, 1.5), h), (c.x(h, -1.5), h)]
+    d.polygon(road, fill=_jitter(rng, (78, 78, 80), 6))
+    lw = max(1, round(c.w / 150))
+    for off in (-1.5, 1.5):
+        d.line([(c.x(far_y, off), far_y), (c.x(h, off), h)], fill=(230, 230, 230), width=lw)
+    # Dashes evenly spaced in depth (1/scale), so they shrink towards the horizon like real ones.
+    for off in (-0.5, 0.5):
+        for k in range(12):
+            s0, s1 = 1.0 / (1 + 0.9 * k), 1.0 / (1 + 0.9 * k + 0.45)
+            y0, y1 = hy + s0 * (h - hy), hy + s1 * (h - hy)
+            d.line([(c.x(y0, off), y0), (c.x(y1, off), y1)], fill=(235, 235, 235), width=lw)
+
+
+def _arrow(d: ImageDraw.ImageDraw, start: Tuple[float, float], end: Tuple[float, float], width: int) -> None:
+    d.line([start, end], fill=ARROW_COLOR, width=width)
+    ang = math.atan2(end[1] - start[1], end[0] - start[0])
+    size = max(3.0, 2.2 * width + 1)
+    left = (end[0] - size * math.cos(ang - 0.5), end[1] - size * math.sin(ang - 0.5))
+    right = (end[0] - size * math.cos(ang + 0.5), end[1] - size * math.sin(ang + 0.5))
+    d.polygon([end, left, right], fill=ARROW_COLOR)
+
+
+def _draw_object(d: ImageDraw.ImageDraw, c: Canvas, o: Obj, rng: random.Random) -> None:
+    name, cat = o.role.name, o.role.category
+    y = c.base_y(o.distance)
+    u = max(c.unit(y), 0.05 * c.w)  # far objects stay a few pixels big
+    if o.role.slot == "sidewalk":
+        x = c.x(y, 1.8 * o.lane)
+    elif o.role.slot in ("overhead", "roadside"):
+        x = c.x(y, 1.75 if o.role.slot == "roadside" else 0.55)
+    else:
+        x = c.x(y, o.lane)
+    lw = max(1, round(u / 25))
+    if cat == "vehicle":
+        bw, bh = (0.70 * u, 0.62 * u) if o.kind == "truck" else (0.62 * u, 0.42 * u)
+        body = VEHICLE_COLORS[o.color]
+        x0, y0, x1, y1 = x - bw / 2, y - bh, x + bw / 2, y
+        wheel = 0.1 * bh
+        d.rectangle([x0 + 0.08 * bw, y1 - wheel, x0 + 0.25 * bw, y1], fill=(10, 10, 10))
+        d.rectangle([x1 - 0.25 * bw, y1 - wheel, x1 - 0.08 * bw, y1], fill=(10, 10, 10))
+        d.rectangle([x0, y0, x1, y1 - wheel], fill=body, outline=(30, 30, 30))
+        glass = (120, 130, 140) if o.color == "black" else (45, 55, 70)
+        top = y0 + (0.12 if o.kind == "car" else 0.08) * bh
+        d.rectangle([x0 + 0.15 * bw, top, x1 - 0.15 * bw, top + 0.3 * bh], fill=glass)
+        d.rectangle([x0 + 0.04 * bw, y1 - wheel - 0.22 * bh, x0 + 0.16 * bw, y1 - wheel - 0.1 * bh], fill=(220, 30, 30))
+        d.rectangle([x1 - 0.16 * bw, y1 - wheel - 0.22 * bh, x1 - 0.04 * bw, y1 - wheel - 0.1 * bh], fill=(220, 30, 30))
+        o.bbox = (x0, y0, x1, y1)
+    elif o.kind in ("pedestrian", "cyclist"):
+        ph = 0.55 * u
+        cloth = rng.choice(CLOTHES)
+        head = 0.09 * ph
+        if o.kind == "cyclist":
+            r = 0.16 * ph
+            d.ellipse([x - 2.2 * r, y - 2 * r, x - 0.2 * r, y], outline=(15, 15, 15), width=lw)
+            d.ellipse([x + 0.2 * r, y - 2 * r, x + 2.2 * r, y], outline=(15, 15, 15), width=lw)
+            d.rectangle([x - 0.12 * ph, y - 0.78 * ph, x + 0.12 * ph, y - 0.3 * ph], fill=cloth)
+            o.bbox = (x - 2.2 * r, y - ph, x + 2.2 * r, y)
+        else:
+            d.rectangle([x - 0.07 * ph, y - 0.45 * ph, x - 0.01 * ph, y], fill=(40, 40, 60))
+            d.rectangle([x + 0.01 * ph, y - 0.45 * ph, x + 0.07 * ph, y], fill=(40, 40, 60))
+            d.rectangle([x - 0.11 * ph, y - 0.82 * ph, x + 0.11 * ph, y - 0.42 * ph], fill=cloth)
+            o.bbox = (x - 0.12 * ph, y - ph, x + 0.12 * ph, y)
+        d.ellipse([x - head, y - ph, x + head, y - ph + 2 * head], fill=(230, 190, 160))
+    elif cat == "traffic_cone":
+        cw, ch = 0.13 * u, 0.22 * u
+        xs = [x - 0.28 * u, x, x + 0.28 * u]
+        for cx in xs:
+            d.polygon([(cx - cw / 2, y), (cx + cw / 2, y), (cx, y - ch)], fill=(255, 130, 0))
+            d.line([(cx - cw / 4, y - ch / 2), (cx + cw / 4, y - ch / 2)], fill=(250, 250, 250), width=lw)
+        o.bbox = (xs[0] - cw / 2, y - ch, xs[-1] + cw / 2, y)
+    elif cat == "barrier":
+        bw, bh = 0.8 * u, 0.2 * u
+        x0, x1, top = x - bw / 2, x + bw / 2, y - bh
+        for leg in (x0 + 0.1 * bw, x1 - 0.1 * bw):
+            d.rectangle([leg - 0.02 * bw, top, leg + 0.02 * bw, y], fill=(90, 90, 90))
+        stripes = 6
+        for k in range(stripes):
+            sx0 = x0 + k * bw / stripes
+            d.rectangle([sx0, top, sx0 + bw / stripes, top + 0.55 * bh], fill=(205, 30, 30) if k % 2 == 0 else (245, 245, 245))
+        o.bbox = (x0, top, x1, y)
+    elif cat == "miscellaneous":
+        dw, dh = 0.4 * u, 0.14 * u
+        pts = [(x - dw / 2, y), (x - 0.3 * dw, y - dh * rng.uniform(0.6, 1.0)), (x - 0.05 * dw, y - dh),
+               (x + 0.25 * dw, y - dh * rng.uniform(0.5, 0.9)), (x + dw / 2, y)]
+        d.polygon(pts, fill=_jitter(rng, (125, 90, 50), 15), outline=(60, 40, 20))
+        o.bbox = (x - dw / 2, y - dh, x + dw / 2, y)
+    elif cat == "traffic_light":
+        u = max(u, 0.22 * c.w)  # lamps must stay readable at any distance
+        bw, bh = 0.15 * u, 0.40 * u
+        bottom = y - 0.7 * u
+        d.line([(x, y), (x, bottom)], fill=(110, 110, 110), width=max(1, round(bw / 4)))
+        x0, y0, x1, y1 = x - bw / 2, bottom - bh, x + bw / 2, bottom
+        d.rectangle([x0, y0, x1, y1], fill=(25, 25, 25))
+        r = 0.38 * bw
+        for k, lamp in enumerate(("red", "yellow", "green")):
+            cy = y0 + bh * (k + 0.5) / 3
+            d.ellipse([x - r, cy - r, x + r, cy + r], fill=LAMP_COLORS[lamp] if lamp == o.kind else (60, 60, 60))
+        o.bbox = (x0, y0, x1, y1)
+    elif cat == "traffic_sign":
+        u = max(u, 0.2 * c.w)
+        r = 0.13 * u
+        cy = y - 0.7 * u
+        d.line([(x, y), (x, cy)], fill=(110, 110, 110), width=max(1, round(r / 4)))
+        if o.role.name == "stop_sign":
+            pts = [(x + r * math.cos(math.pi / 8 + k * math.pi / 4), cy + r * math.sin(math.pi / 8 + k * math.pi / 4)) for k in range(8)]
+            d.polygon(pts, fill=(200, 20, 20), outline=(250, 250, 250))
+            d.line([(x - 0.5 * r, cy), (x + 0.5 * r, cy)], fill=(250, 250, 250), width=max(1, round(r / 4)))
+        else:
+            d.ellipse([x - r, cy - r, x + r, cy + r], fill=(245, 245, 245), outline=(200, 20, 20), width=max(1, round(r / 3.5)))
+            d.rectangle([x - 0.35 * r, cy - 0.3 * r, x + 0.35 * r, cy + 0.3 * r], fill=(20, 20, 20))
+        o.bbox = (x - r, cy - r, x + r, cy + r)
+    else:
+        raise KeyError(name)
+    # Motion cue.
+    x0, y0, x1, y1 = o.bbox
+    mx, my = (x0 + x1) / 2, (y0 + y1) / 2
+    aw = max(1, round(u / 18))
+    span = max(0.35 * u, 6)
+    if o.motion == "ahead":
+        _arrow(d, (mx, y0 - 1), (mx, y0 - 1 - 0.6 * span), aw)
+    elif o.motion.startswith("crossing"):
+        sign = -1 if o.motion.endswith("left") else 1
+        _arrow(d, (mx, my), (mx + sign * span, my), aw)
+    elif o.motion == "cut_in":
+        _arrow(d, (mx, y0 - 1), (mx - o.lane * span, y0 - 1 - 0.4 * span), aw)
+
+
+def render_scene(scene: Scene, width: int, height: int, rng: random.Random) -> Image.Image:
+    """Draw far to near (nearer objects cover farther ones); overhead/roadside controls last."""
+    c = Canvas(width, height)
+    img = Image.new("RGB", (width, height))
+    d = ImageDraw.Draw(img)
+    _draw_background(d, c, rng)
+    order = sorted(scene.objects, key=lambda o: (o.role.slot in ("overhead", "roadside"), c.base_y(o.distance)))
+    for o in order:
+        _draw_object(d, c, o, rng)
+    return img
+
+
+def box_region(o: Obj, width: int, height: int, margin: float = 2.0) -> List[float]:
+    """[x, y, w, h] of the object plus a margin, clipped to the image."""
+    x0, y0, x1, y1 = o.bbox
+    x0, y0 = max(0.0, x0 - margin), max(0.0, y0 - margin)
+    x1, y1 = min(width - 1.0, x1 + margin), min(height - 1.0, y1 + margin)
+    return [round(x0, 1), round(y0, 1), round(x1 - x0, 1), round(y1 - y0, 1)]
+
+
+def make_sample(split: str, index: int, seed: int, width: int = 224, height: int = 126) -> Sample:
+    rng = random.Random(f"synthetic:{seed}:{split}:{index}")
+    task = TASK_ORDER[index % len(TASK_ORDER)]
+    scene = sample_scene(rng)
+    if task == "regional" and not scene.objects:
+        # A regional question needs an object: a clear road gets one distractor to point at.
+        scene.distractors.append(_place(ROLES["parked_car"], rng, set()))
+    img = render_scene(scene, width, height, rng)
+    target = region = category = None
+    if task == "regional":
+        # Mostly key objects: a distractor answer ("does not affect the ego car") is easy and says little.
+        weights = [5.0] * len(scene.keys) + [1.0] * len(scene.distractors)
+        target = rng.choices(scene.objects, weights=weights)[0]
+        region = box_region(target, width, height)
+        category = target.role.category
+        x, y, w, h = region
+        ImageDraw.Draw(img).rectangle([x, y, x + w, y + h], outline=BOX_COLOR, width=2)
+    answer, skills = answer_and_skills(scene, task, target)
+    return Sample(
+        key=make_key("synthetic", split, f"{index:06d}"),
+        dataset="synthetic",
+        task=task,
+        question=QUESTIONS[task],
+        answer=answer,
+        views=[VIEW],
+        images=[encode_jpeg(img, JPEG_QUALITY)],
+        region=region,
+        skills=skills,
+        category=category,
+        source={
+            "generator": "data_recipes.synthetic",
+            "seed": seed,
+            "split": split,
+            "index": index,
+            "objects": [o.describe() for o in scene.objects],
+            "key_objects": [o.role.name for o in scene.keys],
+            "target": scene.objects.index(target) if target is not None else None,
+            "manoeuvre_side": scene.manoeuvre_side,
+        },
+    )
+
+
+def generate_synthetic(
+    out_dir: str | os.PathLike,
+    num_train: int = 1200,
+    num_val: int = 150,
+    num_test: int = 150,
+    seed: int = 0,
+    width: int = 224,
+    height: int = 126,
+    *,
+    overwrite: bool = False,
+    maxcount: int = 1000,
+    show_progress: Optional[bool] = None,
+) -> ConversionReport:
+    """Write OUT/train, OUT/val, OUT/test (each with a manifest); returns counts per split and task."""
+    for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
+        if value < 0:
+            raise ValueError(f"synthetic: {name} must be >= 0, got {value}")
+    if width < 64 or height < 36:
+        raise ValueError(f"synthetic: image size must be at least 64x36 to draw readable objects, got {width}x{height}")
+    out_dir = Path(out_dir)
+    sizes = dict(zip(SPLIT_NAMES, (num_train, num_val, num_test)))
+    dirs = {split: out_dir / split for split in SPLIT_NAMES}
+    prepare_output_dirs(list(dirs.values()), overwrite=overwrite)
+    writers = {split: ShardWriter(path, prefix=split, maxcount=maxcount) for split, path in dirs.items()}
+    stats = {split: {"skills": {lv: Counter() for lv in ("perception", "prediction", "planning")},
+                     "categories": Counter(), "roles": Counter()} for split in SPLIT_NAMES}
+    try:
+        for split in SPLIT_NAMES:
+            for i in progress(range(sizes[split]), desc=f"synthetic {split}", enabled=show_progress):
+                sample = make_sample(split, i, seed, width, height)
+                writers[split].write(sample)
+                st = stats[split]
+                for level, skill in sample.skills.items():
+                    st["skills"][level][skill] += 1
+                if sample.category:
+                    st["categories"][sample.category] += 1
+                st["roles"].update(sample.source["key_objects"])
+        for writer in writers.values():
+            writer.close()
+        counts = {}
+        for split, writer in writers.items():
+            st = stats[split]
+            manifest = writer.commit({
+                "dataset": "synthetic",
+                "split": split,
+                "seed": seed,
+                "image_size": [width, height],
+                "skills": {lv: dict(sorted(c.items())) for lv, c in st["skills"].items()},
+                "categories": dict(sorted(st["categories"].items())),
+                "key_roles": dict(sorted(st["roles"].items())),
+                "num_skipped_entries": 0,
+                "skipped": [],
+            })
+            counts[split] = manifest["tasks"]
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    return ConversionReport(str(out_dir), counts, [])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mose data synthetic", description="Generate the synthetic driving VQA set.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=int, required=True, help="training samples")
+    p.add_argument("--num-val", type=int, default=None, help="validation samples (default: num/8)")
+    p.add_argument("--num-test", type=int, default=None, help="test samples (default: num/8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=224)
+    p.add_argument("--height", type=int, default=126)
+    p.add_argument("--overwrite", action="store_true", help="regenerate an output directory that is complete")
+    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--progress", action="store_true", default=None, help="force the progress bar on")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> ConversionReport:
+    args = build_parser().parse_args(argv)
+    held = max(1, args.num // 8)
+    report = generate_synthetic(
+        args.out, args.num, held if args.num_val is None else args.num_val, held if args.num_test is None else args.num_test,
+        args.seed, args.width, args.height, overwrite=args.overwrite, maxcount=args.maxcount, show_progress=args.progress,
+    )
+    print(report.summary())
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The `mose` command line: one subcommand per job. Stages take `--config FILE` and `key=value` overrides.
+
+  mose params --config F [--json]              parameter counts (meta device: no weights needed)
+  mose data coda-lm|drivelm|synthetic ...      dataset converters (data_recipes/)
+  mose skills annotate --shards S --out DIR --annotator rule|gpt
+  mose pretrain-router | sft | expert-group | eval --config F [key=value ...]
+  mose predict --checkpoint DIR --image IMG [--image IMG2] --question "..." [--box x,y,w,h]
+  mose report RUN_DIR [RUN_DIR ...]
+  mose demo | reproduce-toy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from mose_lightning.config import ConfigError, load_config
+
+STAGES = ("pretrain-router", "sft", "expert-group", "eval")
+
+
+def _overrides(values: List[str]) -> List[str]:
+    # `checkpoint=PATH` reads better on an eval command line than init_from=PATH.
+    return [("init_from=" + v.split("=", 1)[1]) if v.startswith("checkpoint=") else v for v in values]
+
+
+def run_stage_command(stage: str, config: str, overrides: List[str]):
+    from mose_lightning import pipeline
+
+    cfg = load_config(config, _overrides(overrides))
+    if stage == "pretrain-router":
+        from mose_lightning.stages.router_pretrain import run_router_pretrain
+
+        pipeline.prepare(cfg, "pretrain_router")
+        run_dir, metrics = run_router_pretrain(cfg)
+    elif stage == "sft":
+        from mose_lightning.stages.sft import run_sft
+
+        pipeline.prepare(cfg, "sft")
+        run_dir, metrics = run_sft(cfg)
+    elif stage == "expert-group":
+        from mose_lightning.stages.sft import run_expert_group
+
+        pipeline.prepare(cfg, "expert_group")
+        run_dir, metrics = run_expert_group(cfg)
+    elif stage == "eval":
+        from mose_lightning.stages.evaluate import run_eval
+
+        pipeline.prepare(cfg, "eval")
+        run_dir, metrics = run_eval(cfg)
+    else:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    from mose_lightning.training import is_global_zero
+
+    if is_global_zero():
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if shown:
+            print(json.dumps(shown, indent=2, sort_keys=True))
+        print(f"run dir: {run_dir}")
+    return run_dir, metrics
+
+
+def _cmd_params(args) -> None:
+    from mose_lightning.model import build_model
+    from mose_lightning.params import format_count, parameter_report
+
+    cfg = load_config(args.config, _overrides(args.overrides))
+    report = parameter_report(build_model(cfg, meta=True))
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"config:            {args.config}")
+    print(f"model variant:     {report['kind']}")
+    print(f"total params:      {format_count(report['total'])} ({report['total']:,})")
+    print(f"trainable params:  {format_count(report['trainable'])} ({report['trainable']:,})")
+    print(f"activated / token: {format_count(report['activated'])} ({report['activated']:,})")
+    print(f"MoE layers:        {report['moe_layers']} at decoder layers {report['moe_layer_indices']}")
+    print(f"level allocation:  {report['levels']}")
+
+
+def _cmd_data(args, rest: List[str]) -> None:
+    modules = {"coda-lm": "data_recipes.coda_lm", "drivelm": "data_recipes.drivelm", "synthetic": "data_recipes.synthetic"}
+    if not rest or rest[0] not in modules:
+        raise ConfigError(f"mose data: expected one of {sorted(modules)}, got {rest[:1]}")
+    import importlib
+
+    importlib.import_module(modules[rest[0]]).main(rest[1:])
+
+
+def _cmd_skills(args) -> None:
+    from mose_lightning.annotate.shards import annotate_shards
+    from mose_lightning.skills import load_taxonomy
+
+    cfg = load_config(args.config, _overrides(args.overrides + [f"annotate.annotator={args.annotator}"]
+                                              + ([f"annotate.sample={args.sample}"] if args.sample is not None else [])))
+    summary = annotate_shards(args.shards, args.out, load_taxonomy(cfg.skills.taxonomy), cfg.annotate)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def _cmd_predict(args) -> None:
+    from mose_lightning.predict import predict_one
+
+    box = [float(v) for v in args.box.split(",")] if args.box else None
+    if box is not None and len(box) != 4:
+        raise ConfigError(f"--box: expected x,y,w,h, got {args.box!r}")
+    answer, chain = predict_one(args.checkpoint, args.image, args.question, box, args.max_new_tokens)
+    print(f"answer: {answer}")
+    print("skill chain:")
+    for step in chain:
+        print(f"  layer {step['layer']:>2}  {step['level']:<11} {step['skill']:<20} p={step['prob']:.2f}")
+    if not chain:
+        print("  (this model has no skill routers)")
+
+
+def _cmd_report(args) -> None:
+    from mose_lightning.evaluation.report import main as report_main
+
+    raise SystemExit(report_main(args.run_dirs + (["--out", args.out] if args.out else [])))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("params", help="parameter counts of an experiment config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    sub.add_parser("data", help="convert a dataset to shards: coda-lm | drivelm | synthetic", add_help=False)
+    p = sub.add_parser("skills", help="skill annotation")
+    p.add_argument("action", choices=["annotate"])
+    p.add_argument("--shards", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--annotator", choices=["rule", "gpt"], default="rule")
+    p.add_argument("--sample", type=int, default=None, help="annotate only this many samples")
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*")
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        p.add_argument("--config", required=True)
+        p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("predict", help="answer one question with its skill chain")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", action="append", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--box", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p = sub.add_parser("report", help="put several runs side by side")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default=None)
+    for name in ("demo", "reproduce-toy"):
+        p = sub.add_parser(name)
+        p.add_argument("--config", default=None)
+        p.add_argument("overrides", nargs="*")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "data":
+            _cmd_data(None, argv[1:])
+            return
+        args = build_parser().parse_args(argv)
+        if args.command == "params":
+            _cmd_params(args)
+        elif args.command == "skills":
+            _cmd_skills(args)
+        elif args.command in STAGES:
+            run_stage_command(args.command, args.config, args.overrides)
+        elif args.command == "predict":
+            _cmd_predict(args)
+        elif args.command == "report":
+            _cmd_report(args)
+        elif args.command == "demo":
+            from mose_lightning.demo import run_demo
+
+            run_demo(args.config, _overrides(args.overrides))
+        elif args.command == "reproduce-toy":
+            from mose_lightning.demo import run_reproduce_toy
+
+            run_reproduce_toy(_overrides(args.overrides))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""What the toy default creates when it is missing, so every make target runs on a fresh clone:
+synthetic shards with rule-based skills, the toy backbone briefly instruction-tuned by a dense stage (cached),
+the previous stage's output (routers for SFT, a MoSE model for expert groups, a trained model for eval).
+
+Only the toy backbone gets this help: with a real backbone a missing input is a clear error, never a surprise
+multi-hour job.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from mose_lightning.config import PROJECT_ROOT, AnnotateConfig, ConfigError, ExperimentConfig, load_config, resolve_path
+from mose_lightning.data.shards import is_complete
+from mose_lightning.skills import load_taxonomy
+from mose_lightning.training import run_dir_for
+
+SPLITS = ("train", "val", "test")
+TOY_INSTRUCT_CONFIG = PROJECT_ROOT / "configs" / "experiment" / "toy_instruct.yaml"
+TOY_MOSE_CONFIG = PROJECT_ROOT / "configs" / "experiment" / "toy_mose.yaml"
+
+
+def _is_toy(cfg: ExperimentConfig) -> bool:
+    return cfg.backbone.name == "toy"
+
+
+def ensure_synthetic_data(cfg: ExperimentConfig) -> None:
+    """Empty shard settings on the toy default -> the synthetic set, annotated by the rule-based annotator."""
+    if cfg.data.train_shards or not _is_toy(cfg):
+        return
+    from data_recipes.synthetic import generate_synthetic
+    from mose_lightning.annotate.shards import annotate_shards
+
+    s = cfg.data.synthetic
+    root = resolve_path(s.out_dir)
+    raw, rule = root / "raw", root / "rule"
+    if not all(is_complete(raw / split) for split in SPLITS):
+        print(f"[toy] generating the synthetic driving set in {raw}")
+        generate_synthetic(raw, s.num_train, s.num_val, s.num_test, s.seed, s.image_width, s.image_height)
+    taxonomy = load_taxonomy(cfg.skills.taxonomy)
+    for split in SPLITS:
+        if not is_complete(rule / split):
+            print(f"[toy] annotating skills of {split} with the rule-based annotator")
+            summary = annotate_shards(str(raw / split), rule / split, taxonomy, AnnotateConfig(annotator="rule"))
+            agreement = {k: (round(v, 3) if v is not None else None) for k, v in summary["agreement_with_reference"].items()}
+            print(f"[toy]   agreement with the generator's skills: {agreement}")
+    cfg.data.train_shards = str(rule / "train")
+    cfg.data.val_shards = cfg.data.val_shards or str(rule / "val")
+    cfg.data.test_shards = cfg.data.test_shards or str(rule / "test")
+
+
+def ensure_toy_backbone(cfg: ExperimentConfig) -> None:
+    """The toy backbone's brief dense instruction tuning, run once and cached at backbone.init_checkpoint."""
+    target = cfg.backbone.init_checkpoint
+    if not _is_toy(cfg) or not target or (resolve_path(target) / "weights.safetensors").is_file():
+        return
+    from mose_lightning.stages.sft import run_sft
+
+    instruct = load_config(TOY_INSTRUCT_CONFIG)
+    instruct.data = copy.deepcopy(cfg.data)
+    instruct.backbone.toy = copy.deepcopy(cfg.backbone.toy)
+    instruct.backbone.toy_dir = cfg.backbone.toy_dir
+    instruct.run_dir = str(Path(target).parent)
+    if Path(target).name != "model":
+        raise ConfigError(f"backbone.init_checkpoint={target}: expected a path ending in /model (a run's model dir)")
+    print(f"[toy] instruction-tuning the toy backbone (dense, all weights) into {target}")
+    run_sft(instruct)
+
+
+def ensure_router_checkpoint(cfg: ExperimentConfig) -> None:
+    if cfg.moe.kind != "mose" or cfg.moe.router_checkpoint or cfg.moe.teacher_forcing or not _is_toy(cfg):
+        return
+    from mose_lightning.stages.router_pretrain import run_router_pretrain
+
+    routers_cfg = copy.deepcopy(cfg)
+    routers_cfg.run_dir = str(run_dir_for(cfg, "pretrain_router")) if not cfg.run_dir else str(Path(cfg.run_dir).parent / "pretrain_router")
+    path = Path(routers_cfg.run_dir) / "routers.pt"
+    if not path.is_file():
+        print(f"[toy] pretraining the routers first ({routers_cfg.run_dir})")
+        run_router_pretrain(routers_cfg)
+    cfg.moe.router_checkpoint = str(path)
+
+
+def ensure_trained_model(cfg: ExperimentConfig, kind_for_source: str = "") -> None:
+    """init_from for expert groups (a MoSE SFT model) and for eval (the model of this experiment)."""
+    if cfg.init_from or not _is_toy(cfg):
+        return
+    from mose_lightning.stages.sft import run_expert_group, run_sft
+
+    if kind_for_source == "mose":
+        source = load_config(TOY_MOSE_CONFIG)
+        source.data = copy.deepcopy(cfg.data)
+    else:
+        source = copy.deepcopy(cfg)
+        source.run_dir = ""
+    stage = "expert_group" if source.moe.kind == "expert_group" else "sft"
+    model_dir = run_dir_for(source, stage) / "model"
+    if not (model_dir / "weights.safetensors").is_file():
+        print(f"[toy] training {source.name} first ({model_dir.parent})")
+        prepare(source, stage)
+        (run_expert_group if stage == "expert_group" else run_sft)(source)
+    cfg.init_from = str(model_dir)
+
+
+def prepare(cfg: ExperimentConfig, stage: str) -> None:
+    """Create what `stage` needs on the toy default."""
+    ensure_synthetic_data(cfg)
+    ensure_toy_backbone(cfg)
+    if stage == "sft":
+        ensure_router_checkpoint(cfg)
+    elif stage == "expert_group":
+        ensure_trained_model(cfg, "mose")
+    elif stage == "eval":
+        ensure_trained_model(cfg)

@@ -1,0 +1,74 @@
+"""TensorBoard views of what the routers and experts do: expert usage per layer, skill chains of validation
+samples, and the expert weight-similarity matrix of the last MoE layer (the paper's Figure 7)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from mose_lightning.evaluation.plots import expert_usage_figure, expert_weight_similarity, weight_similarity_figure
+
+
+class RoutingVisualisation(pl.Callback):
+    def __init__(self, every_n_steps: int = 0, chains_to_show: int = 4) -> None:
+        self.every_n_steps = every_n_steps
+        self.chains_to_show = chains_to_show
+        self._chains = []
+
+    def _experiment(self, trainer):
+        logger = trainer.logger
+        return getattr(logger, "experiment", None) if logger is not None else None
+
+    def _emit(self, trainer: pl.Trainer, module) -> None:
+        writer = self._experiment(trainer)
+        if writer is None or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        usage = module.take_usage()
+        blocks = module.model.layout.blocks
+        if usage is not None:
+            labels = [f"L{i}" for i in module.model.layout.layer_indices][: usage.shape[0]]
+            fig = expert_usage_figure(usage.numpy(), labels)
+            writer.add_figure("routing/expert_usage", fig, step)
+        experts = [getattr(b, "experts", None) for b in blocks]
+        experts = [e for e in experts if e is not None]
+        if experts:
+            last = experts[-1]
+            stacked = [last.gate_up_proj.detach().float().cpu(), last.down_proj.detach().float().cpu()]
+            matrix = expert_weight_similarity(stacked)
+            fig = weight_similarity_figure(matrix, [f"E{i}" for i in range(matrix.shape[0])])
+            writer.add_figure("routing/expert_weight_similarity_last_layer", fig, step)
+        if self._chains:
+            rows = ["| key | task | question | skill chain (layer: skill p) |", "|---|---|---|---|"]
+            for key, task, question, chain, thumb in self._chains:
+                rows.append(f"| {key} | {task} | {question[:80]} | {chain} |")
+                if thumb is not None:
+                    writer.add_image(f"skill_chains/{key}", thumb, step, dataformats="HWC")
+            writer.add_text("skill_chains/validation", "\n".join(rows), step)
+            self._chains = []
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx != 0 or not trainer.is_global_zero:
+            return
+        chain = module.model.skill_chain()
+        taxonomy = module.model.taxonomy
+        for i, meta in enumerate(batch["meta"][: self.chains_to_show]):
+            parts = []
+            for route in chain:
+                try:
+                    skill = taxonomy.level(route.level).skill_for_expert(route.expert[i]).name
+                except KeyError:  # an expert no skill maps to
+                    skill = f"expert{route.expert[i]}"
+                parts.append(f"{route.layer}: {skill} {route.prob[i]:.2f}")
+            thumb = meta.get("thumbnail")
+            self._chains.append((meta["key"], meta["task"], meta["question"], ", ".join(parts) or "-", thumb))
+
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        self._emit(trainer, module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._emit(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self._emit(trainer, module)

@@ -1,0 +1,198 @@
+"""Stage: single-round generation on a test split, then scores, tables, plots and the HTML report.
+
+Generation runs as Lightning's predict loop, so `trainer.devices=N trainer.strategy=ddp` spreads it over ranks;
+the DataModule hands every sample to exactly one rank, each rank appends its records to its own part file, and
+rank 0 merges the parts (dropping the padding copies) into predictions.jsonl. MoSE routing is decided once per
+sample from the prompt and reused for every generated token; the chosen skill per MoE layer is written with the
+prediction as its skill chain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import lightning.pytorch as pl
+import torch
+from PIL import Image
+
+from mose_lightning.checkpoint import load_model
+from mose_lightning.config import ConfigError, ExperimentConfig
+from mose_lightning.data.datamodule import DriveDataModule
+from mose_lightning.evaluation.local_metrics import local_scores
+from mose_lightning.evaluation.report import write_results
+from mose_lightning.io import atomic_write_json, atomic_write_text
+from mose_lightning.params import parameter_report
+from mose_lightning.stages.sft import model_dir_of
+from mose_lightning.training import is_global_zero, run_dir_for
+
+
+def chain_records(model, index: int) -> List[Dict[str, Any]]:
+    """The skill chain of sample `index` of the last batch, with skill names from the taxonomy."""
+    out = []
+    for route in model.skill_chain():
+        expert = route.expert[index]
+        try:
+            skill = model.taxonomy.level(route.level).skill_for_expert(expert).name
+        except KeyError:
+            skill = f"expert{expert}"
+        out.append({"layer": route.layer, "level": route.level, "expert": expert, "skill": skill,
+                    "prob": round(route.prob[index], 4)})
+    return out
+
+
+def decode_new_tokens(model, tokens: torch.Tensor) -> List[str]:
+    tokenizer = getattr(model.processor, "tokenizer", model.processor)
+    return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+class GenerationModule(pl.LightningModule):
+    def __init__(self, model, cfg: ExperimentConfig, parts_dir: Path) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.parts_dir = parts_dir
+        self.usage: Optional[torch.Tensor] = None
+
+    def predict_step(self, batch: Dict[str, Any], batch_idx: int):
+        tokens = self.model.generate(batch, self.cfg.eval.max_new_tokens)
+        texts = decode_new_tokens(self.model, tokens)
+        counts = [c for c in self.model.expert_counts() if c is not None]
+        if counts and len({c.numel() for c in counts}) == 1:
+            usage = torch.stack([c.float().cpu() for c in counts])
+            self.usage = usage if self.usage is None else self.usage + usage
+        records = []
+        images_dir = self.parts_dir.parent / "images"
+        for i, meta in enumerate(batch["meta"]):
+            if meta.get("pad"):
+                continue
+            image_paths = []
+            if meta.get("thumbnail") is not None:
+                images_dir.mkdir(parents=True, exist_ok=True)
+                rel = f"images/{meta['key']}.jpg"
+                Image.fromarray(meta["thumbnail"]).save(self.parts_dir.parent / rel)
+                image_paths.append(rel)
+            records.append({
+                "key": meta["key"], "dataset": meta["dataset"], "task": meta["task"], "question": meta["question"],
+                "reference": meta["answer"], "prediction": texts[i], "category": meta["category"],
+                "skills": meta["skills"], "skill_chain": chain_records(self.model, i), "images": image_paths,
+            })
+        with open(self.parts_dir / f"rank{self.global_rank}.jsonl", "a") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return None
+
+
+def _merge_parts(parts_dir: Path) -> List[Dict[str, Any]]:
+    records: Dict[str, Dict[str, Any]] = {}
+    for part in sorted(parts_dir.glob("rank*.jsonl")):
+        for line in part.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[record["key"]] = record
+    return [records[k] for k in sorted(records)]
+
+
+def score_records(records: List[Dict[str, Any]], cfg: ExperimentConfig) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Local metrics always; the LLM judge (CODA-LM protocol / DriveLM score) when eval.judge.enabled."""
+    scores: Dict[str, Any] = {"local": local_scores(records)}
+    ratings: Dict[str, Any] = {}
+    datasets = {r["dataset"] for r in records}
+    if "drivelm" in datasets:
+        from mose_lightning.evaluation.drivelm_metrics import drivelm_scores, needs_judge
+
+        drivelm = [r for r in records if r["dataset"] == "drivelm"]
+        chatgpt = None
+        if cfg.eval.judge.enabled:
+            from mose_lightning.evaluation.judge import judge_drivelm
+
+            items = [r for r in drivelm if needs_judge(r)]
+            report = judge_drivelm(items, cfg.eval.judge)
+            chatgpt = {r.key: r.rating for r in report.ratings}
+            ratings.update(chatgpt)
+            scores["drivelm_judge"] = {k: v for k, v in report.to_dict().items() if k != "ratings"}
+        scores["drivelm"] = drivelm_scores(drivelm, chatgpt)
+    coda_like = [r for r in records if r["dataset"] in ("coda_lm", "synthetic") and r.get("reference")]
+    if coda_like and cfg.eval.judge.enabled:
+        from mose_lightning.evaluation.judge import judge_coda
+
+        report = judge_coda(coda_like, cfg.eval.judge)
+        ratings.update({r.key: r.rating for r in report.ratings})
+        coda = {task: {"score": ts.score, "n_judged": ts.n_judged, "n_failed": ts.n_failed}
+                for task, ts in report.tasks.items()}
+        coda["regional_by_class"] = {c: {"score": ts.score, "n_judged": ts.n_judged, "n_failed": ts.n_failed}
+                                     for c, ts in report.regional_by_class.items()}
+        coda["overall"] = report.overall
+        coda["judge"] = {"model": report.model, "stats": report.stats}
+        scores["coda"] = coda
+    return scores, ratings
+
+
+def run_meta(model, cfg: ExperimentConfig, records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    counts = parameter_report(model)
+    return {
+        "name": cfg.name, "moe_kind": cfg.moe.kind, "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
+        "activated_params": counts["activated"], "total_params": counts["total"], "seed": cfg.seed,
+        "dataset": sorted({r["dataset"] for r in records}), "split": cfg.eval.split, "n_samples": len(records),
+    }
+
+
+def write_plots(run_dir: Path, records, usage, model) -> List[str]:
+    from mose_lightning.evaluation.plots import (
+        expert_weight_similarity, plot_expert_usage, plot_skill_chain_frequency, plot_weight_similarity,
+    )
+
+    written = []
+    if any(r["skill_chain"] for r in records):
+        written.append(str(plot_skill_chain_frequency(records, run_dir / "skill_chains.png")))
+    if usage is not None:
+        labels = [f"L{i}" for i in model.layout.layer_indices][: usage.shape[0]]
+        written.append(str(plot_expert_usage(usage.numpy(), labels, run_dir / "expert_usage.png")))
+    experts = [getattr(b, "experts", None) for b in model.layout.blocks]
+    experts = [e for e in experts if e is not None]
+    if experts:
+        last = experts[-1]
+        matrix = expert_weight_similarity([last.gate_up_proj.detach().float().cpu(), last.down_proj.detach().float().cpu()])
+        written.append(str(plot_weight_similarity(matrix, [f"E{i}" for i in range(matrix.shape[0])],
+                                                  run_dir / "expert_similarity.png", transform="log")))
+    return written
+
+
+def run_eval(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
+    if model is None:
+        if not cfg.init_from:
+            raise ConfigError("checkpoint: expected a trained run directory (or its model/) to evaluate")
+        model = load_model(model_dir_of(cfg.init_from))
+        model.cfg.eval = cfg.eval
+    run_dir = run_dir_for(cfg, "eval")
+    parts_dir = run_dir / "parts"
+    if is_global_zero():
+        for old in parts_dir.glob("rank*.jsonl"):
+            old.unlink()
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    data_cfg = cfg.data
+    datamodule = DriveDataModule(data_cfg, model.adapter, model.processor, model.taxonomy)
+    loader = datamodule.generation_dataloader(cfg.eval.split)
+    module = GenerationModule(model, cfg, parts_dir)
+    t = cfg.trainer
+    trainer = pl.Trainer(accelerator=t.accelerator, devices=int(t.devices) if str(t.devices).isdigit() else t.devices,
+                         strategy=t.strategy, precision=t.precision, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, limit_predict_batches=(-(-cfg.eval.limit // cfg.data.eval_batch_size)
+                                                                            if cfg.eval.limit else 1.0))
+    trainer.predict(module, loader, return_predictions=False)
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return run_dir, {}
+    records = _merge_parts(parts_dir)
+    atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    scores, ratings = score_records(records, cfg)
+    meta = run_meta(model, cfg, records)
+    write_results(run_dir, scores, meta)
+    plots = write_plots(run_dir, records, module.usage, model)
+    from mose_lightning.evaluation.html_report import write_html_report
+
+    write_html_report(run_dir, records, scores, ratings, max_samples=cfg.eval.html_samples, meta=meta)
+    atomic_write_json(run_dir / "metrics.json", {"scores": scores, "meta": meta, "plots": plots})
+    return run_dir, scores

@@ -1,0 +1,71 @@
+"""Stage: supervised fine-tuning of the trainable part (MoSE SFT, and the dense / top-k baselines), and the
+expert-group scaling stage that continues from a MoSE SFT model. Read top to bottom: build, fit, save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from mose_lightning.checkpoint import check_compatible, load_model, save_model
+from mose_lightning.config import ConfigError, ExperimentConfig
+from mose_lightning.data.datamodule import DriveDataModule
+from mose_lightning.model import MoEVisionLanguageModel, build_model
+from mose_lightning.stages.callbacks import RoutingVisualisation
+from mose_lightning.stages.common import FineTuneModule
+from mose_lightning.surgery import convert_to_expert_groups, set_trainable
+from mose_lightning.training import finish_run, make_trainer, resume_path, scalar_metrics, start_run
+
+FINAL_KEYS = ("train/loss", "val/loss", "val/answer_token_acc", "train/aux_loss")
+
+
+def model_dir_of(path: str | Path) -> Path:
+    """A run directory or its `model/` subdirectory -> the saved model directory."""
+    path = Path(path)
+    return path / "model" if (path / "model").is_dir() else path
+
+
+def fine_tune(cfg: ExperimentConfig, model: MoEVisionLanguageModel, stage: str) -> Tuple[Path, Dict[str, float]]:
+    run_dir = start_run(cfg, stage)
+    datamodule = DriveDataModule(cfg.data, model.adapter, model.processor, model.taxonomy)
+    module = FineTuneModule(model, cfg)
+    trainer = make_trainer(cfg, run_dir, model, callbacks=[RoutingVisualisation()], validate=bool(cfg.data.val_shards))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(run_dir))
+    metrics = {k: v for k, v in scalar_metrics(trainer).items() if k in FINAL_KEYS or k.startswith("val/router_acc")}
+    metrics["steps"] = trainer.global_step
+    # Collective under FSDP (gathers the full state on rank 0); a plain state dict otherwise.
+    full = trainer.strategy.lightning_module_state_dict()
+    if trainer.is_global_zero:
+        prefix = "model.backbone."
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        save_model(model, run_dir / "model", full_state=state if len(state) else None)
+    trainer.strategy.barrier()
+    finish_run(run_dir, metrics)
+    return run_dir, metrics
+
+
+def run_sft(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
+    """MoSE SFT (pretrained routers from moe.router_checkpoint), or a baseline by moe.kind."""
+    if cfg.moe.kind == "expert_group":
+        raise ConfigError("moe.kind=expert_group starts from a MoSE SFT model: run `mose expert-group` instead")
+    if cfg.moe.kind == "mose" and not cfg.moe.router_checkpoint and not cfg.moe.teacher_forcing:
+        print("note: moe.router_checkpoint is not set: MoSE routers start untrained (run `mose pretrain-router` first)")
+    return fine_tune(cfg, build_model(cfg), "sft")
+
+
+def run_expert_group(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
+    """Scale a trained MoSE model: each skill expert becomes an image/text pair; routers are reused as trained."""
+    if cfg.moe.kind != "expert_group":
+        raise ConfigError(f"mose expert-group expects moe.kind=expert_group, got {cfg.moe.kind!r}")
+    if not cfg.init_from:
+        raise ConfigError("init_from: expected the MoSE SFT run (or its model/ directory) to start from")
+    source = model_dir_of(cfg.init_from)
+    model = load_model(source)
+    if model.cfg.moe.kind != "mose":
+        raise ConfigError(f"init_from={cfg.init_from}: expected a MoSE model, got moe.kind={model.cfg.moe.kind!r}")
+    mose_view = ExperimentConfig(**{**cfg.__dict__})
+    mose_view.moe = type(cfg.moe)(**{**cfg.moe.__dict__, "kind": "mose"})
+    check_compatible(model.cfg, mose_view, str(source))
+    convert_to_expert_groups(model.backbone, model.adapter, model.layout)
+    model.cfg = cfg
+    set_trainable(model.backbone, model.layout, cfg.moe)
+    return fine_tune(cfg, model, "expert_group")

@@ -1,0 +1,141 @@
+"""Trainer construction shared by the stages: strategy, precision, run directory, atomic checkpoints, resume.
+
+A run directory holds config.yaml (resolved), tb/ (TensorBoard), checkpoints/ (Lightning, for resume),
+model/ (the saved model, see mose_lightning.checkpoint) and metrics.json. Started again with the same command
+after a kill, a run resumes from checkpoints/last.ckpt; checkpoints are written to a temporary file and renamed,
+so a kill during a save leaves the previous good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from mose_lightning.config import ExperimentConfig, save_config
+from mose_lightning.io import atomic_write_json
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary file beside the target, then an atomic rename."""
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def run_dir_for(cfg: ExperimentConfig, stage: str) -> Path:
+    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name / stage
+
+
+def is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and (
+        not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    )
+
+
+def _strategy(cfg: ExperimentConfig, model):
+    name = cfg.trainer.strategy
+    if name in ("ddp", "ddp_spawn"):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # Stacked experts are one parameter each, so every trainable parameter takes part in every step and
+        # the unused-parameter search can stay off.
+        return DDPStrategy(start_method="spawn" if name == "ddp_spawn" else "popen", find_unused_parameters=False)
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        wrap = model.adapter.fsdp_wrap_classes(model.backbone)
+        return FSDPStrategy(
+            auto_wrap_policy=wrap,
+            activation_checkpointing_policy=wrap if cfg.trainer.activation_checkpointing else None,
+            # A decoder layer mixes frozen and trainable parameters: FSDP needs the original parameters kept.
+            use_orig_params=True,
+            state_dict_type="full",
+        )
+    return name
+
+
+def _devices(value: str):
+    value = str(value)
+    if value == "auto" or value.startswith("[") or "," in value:
+        return value
+    return int(value)
+
+
+def make_trainer(cfg: ExperimentConfig, run_dir: Path, model=None, callbacks: Optional[List] = None,
+                 max_steps: Optional[int] = None, validate: bool = True) -> pl.Trainer:
+    t = cfg.trainer
+    if t.activation_checkpointing and t.strategy != "fsdp" and model is not None:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        every_n_train_steps=t.checkpoint_every_n_steps,
+        save_last=True,
+        save_top_k=0,
+    )
+    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")] + list(callbacks or [])
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=_devices(t.devices),
+        num_nodes=t.num_nodes,
+        strategy=_strategy(cfg, model) if model is not None else t.strategy,
+        precision=t.precision,
+        max_steps=max_steps or t.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val or None,
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=t.val_every_n_steps if validate else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=(t.limit_val_batches or 1.0) if validate else 0,
+        num_sanity_val_steps=0,
+        logger=TensorBoardLogger(str(run_dir), name="tb", version=""),
+        callbacks=all_callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+        enable_model_summary=False,
+    )
+
+
+def resume_path(run_dir: Path) -> Optional[str]:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() else None
+
+
+def start_run(cfg: ExperimentConfig, stage: str) -> Path:
+    run_dir = run_dir_for(cfg, stage)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_global_zero():
+        save_config(cfg, run_dir)
+    return run_dir
+
+
+def finish_run(run_dir: Path, metrics: Dict[str, Any]) -> None:
+    if is_global_zero():
+        atomic_write_json(run_dir / "metrics.json", metrics)
+
+
+def scalar_metrics(trainer: pl.Trainer) -> Dict[str, float]:
+    out = {}
+    for name, value in trainer.callback_metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[name] = float(value)
+        elif isinstance(value, (int, float)):
+            out[name] = float(value)
+    return out

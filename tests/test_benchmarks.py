@@ -1,0 +1,119 @@
+"""Benchmarks run (tiny sizes, one repeat) and report well-formed results; the peers compute the same function.
+
+No timing assertions: timings on shared CI machines mean nothing.
+"""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from benchmarks import moe_layer
+from benchmarks.common import base_parser, benchmark_modules, time_interleaved
+
+
+def test_moe_layer_json_structure(capsys):
+    assert moe_layer.main(["--tiny", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object
+    assert result["benchmark"] == "moe_layer"
+    for key in ("cpu_model", "torch_threads", "torch_version", "device"):
+        assert key in result["machine"]
+    assert list(result["results"]) == ["tiny"] and result["sizes"]["tiny"]["hidden"] == 16
+    per_variant = result["results"]["tiny"]
+    assert set(per_variant) == set(moe_layer.VARIANTS)
+    for name, r in per_variant.items():
+        assert r["median_s"] > 0 and r["ratio_vs_dense"] > 0
+    assert per_variant["dense"]["ratio_vs_dense"] == 1.0
+    eq = result["equivalence"]["tiny"]
+    assert eq["ok"] and set(eq["max_rel_error_vs_upcycled_ffn"]) == set(moe_layer.VARIANTS) - {"dense"}
+    assert sum(result["routing"]["tiny"]["mose"]) == 4 * 8
+    assert set(result["goals_met"]["tiny"]) == set(moe_layer.GOALS)
+
+
+def test_table_output(capsys):
+    assert moe_layer.main(["--tiny", "--variants", "mose,gshard_einsum"]) == 0
+    out = capsys.readouterr().out
+    assert "mose" in out and "gshard_einsum" in out and "ratio_vs_dense" in out
+
+
+def _blocks(hidden=16, inter=24, batch=3, seq=10):
+    torch.manual_seed(0)
+    base, variants, x, _ = moe_layer.build_variants(hidden, inter, batch, seq, torch.device("cpu"), torch.float32, "eager")
+    return base, variants, x.detach()
+
+
+@pytest.mark.parametrize("name", ["mose", "expert_group", "topk", "hf_qwen2_moe", "gshard_einsum"])
+def test_peers_and_blocks_compute_the_upcycled_ffn_at_init(name):
+    base, variants, x = _blocks()
+    errors = moe_layer.check_equivalence(base, {name: variants[name]}, x)
+    assert errors[name] < 1e-5
+
+
+def test_gshard_and_hf_peers_match_the_topk_block_with_distinct_experts():
+    """Beyond init: with randomised experts, the peers still compute the top-k block's function exactly."""
+    base, variants, x = _blocks()
+    topk = variants["topk"].module
+    with torch.no_grad():
+        topk.experts.gate_up_proj.normal_(std=0.3)
+        topk.experts.down_proj.normal_(std=0.3)
+        topk.router.gate.weight.normal_(std=0.5)
+    with torch.no_grad():
+        ref = topk(x)
+        # GShard at a capacity that drops nothing: same routing, same experts, same combination.
+        no_drop = moe_layer.GShardTop1MoE(topk, capacity_factor=moe_layer.NUM_EXPERTS)
+        torch.testing.assert_close(no_drop(x), ref, rtol=1e-5, atol=1e-6)
+        assert no_drop.last_dropped_fraction == 0.0
+        # At factor 1.5 overflow tokens lose their routed half; kept tokens are unchanged.
+        dropping = moe_layer.GShardTop1MoE(topk, capacity_factor=0.5)
+        out = dropping(x)
+        assert dropping.last_dropped_fraction > 0
+        kept = (out - ref).abs().amax(-1) < 1e-6
+        assert 0 < kept.sum() < kept.numel()
+        # transformers' block with the top-k block's weights (down halved: its routed weight is 1, shared gate 0.5).
+        hf = variants["hf_qwen2_moe"].module
+        hf.gate.weight.copy_(topk.router.gate.weight)
+        hf.experts.gate_up_proj.copy_(topk.experts.gate_up_proj)
+        hf.experts.down_proj.copy_(0.5 * topk.experts.down_proj)
+        torch.testing.assert_close(hf(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_every_variant_backpropagates_into_input_and_parameters():
+    _, variants, _ = _blocks()
+    x = torch.randn(3, 10, 16, requires_grad=True)
+    for name, v in variants.items():
+        x.grad = None
+        for p in v.params:
+            p.grad = None
+        if hasattr(v.module, "route"):
+            v.module.route(x)
+        v.module(x).pow(2).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0, name
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in v.params), name
+
+
+def test_common_timer_interleaves_and_takes_medians():
+    calls = []
+    out = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rounds in rotated order
+    assert set(out) == {"a", "b"} and all(len(v["times_s"]) == 3 and v["median_s"] >= 0 for v in out.values())
+
+
+def test_benchmark_modules_follow_the_conventions():
+    names = benchmark_modules()
+    assert "moe_layer" in names and "common" not in names and "run_all" not in names
+    for name in names:
+        module = __import__(f"benchmarks.{name}", fromlist=["run", "main", "build_parser"])
+        assert callable(module.run) and callable(module.main) and callable(module.build_parser), name
+        args = module.build_parser().parse_args(["--tiny"])
+        assert args.tiny and hasattr(args, "json")
+    assert base_parser("x").parse_args([]).device == "cpu"
+
+
+def test_run_all_writes_results(tmp_path, monkeypatch, capsys):
+    from benchmarks import run_all
+
+    assert run_all.main(["--only", "moe_layer", "--tiny", "--results-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "moe_layer.json").read_text())
+    assert set(result["results"]["tiny"]) == set(moe_layer.VARIANTS)
+    assert "moe_layer" in capsys.readouterr().out
