@@ -172,6 +172,8 @@ class DataConfig:
     shuffle_buffer: int = 256
     # Samples each rank draws per training epoch (resampled shards keep ranks in step). 0: the dataset size / world.
     samples_per_epoch: int = 0
+    # Train on the first N training samples only (data-scaling experiments, paper Fig. 8). 0: all.
+    train_limit: int = 0
     seed: int = 0
     # Use the red-box image encoding for regional questions (the sample already carries it when converted).
     system_prompt: str = "You are a careful driving assistant."

@@ -25,6 +25,9 @@ GENERAL_Q = ("Describe the vehicles, vulnerable road users, traffic signs, traff
              "and other objects that influence the ego car, and explain why.")
 SUGGEST_Q = "Describe the scene, then give driving suggestions for the ego car."
 REGION_Q = "Describe the object inside the red rectangle and explain why it affects the ego car."
+SYN_GENERAL_Q = "Describe the objects in this driving scene that affect the ego car and explain why."
+SYN_REGION_Q = "Describe the object inside the red rectangle and explain how it affects the ego car."
+SYN_SUGGEST_Q = "Give a driving suggestion for the ego car in this scene."
 
 
 def sample(dataset, task, question, answer, region=None, category=None, skills=None):
@@ -80,9 +83,34 @@ RULE_CASES = [
     (sample("synthetic", "regional", REGION_Q, "A traffic cone on the right.", [5, 5, 10, 10], "traffic_cone",
             skills=chain("general", "general", "general")),
      chain("region_object", "static_hazards", "general")),
+    # The generator gives a suggestion scene_key_objects never: general unless a light or sign comes first.
     (sample("synthetic", "suggestion", SUGGEST_Q, "Give way to the cyclist crossing ahead.",
             skills=chain("general", "general", "general")),
-     chain("scene_key_objects", "dynamic_agents", "stop_or_yield")),
+     chain("general", "dynamic_agents", "stop_or_yield")),
+    # Synthetic templates (data_recipes/synthetic.py): "prepare to stop" is caution, a second object is ranking,
+    # the speed-limit advice reads a sign, far or irrelevant objects predict nothing.
+    (sample("synthetic", "suggestion", SYN_SUGGEST_Q, "Slow down and prepare to stop at the yellow light."),
+     chain("traffic_control", "general", "caution")),
+    (sample("synthetic", "suggestion", SYN_SUGGEST_Q, "Keep the lane and keep a moderate speed. Also watch the "
+            "car in the left lane."),
+     chain("traffic_control", "object_importance", "caution")),
+    (sample("synthetic", "suggestion", SYN_SUGGEST_Q, "Keep the lane and keep a steady speed."),
+     chain("general", "general", "general")),
+    (sample("synthetic", "general", SYN_GENERAL_Q, "The most important object is a pedestrian close ahead crossing "
+            "the ego lane to the left. The ego car must yield to the pedestrian. Next is the green light."),
+     chain("scene_key_objects", "object_importance", "stop_or_yield")),
+    (sample("synthetic", "general", SYN_GENERAL_Q, "A black truck far ahead in the ego lane. It is far away, so the "
+            "ego car keeps a safe distance."),
+     chain("general", "general", "caution")),
+    (sample("synthetic", "general", SYN_GENERAL_Q, "Debris ahead in the ego lane. The ego car must change to the "
+            "right lane."),
+     chain("scene_key_objects", "static_hazards", "manoeuvre")),
+    (sample("synthetic", "regional", SYN_REGION_Q, "A parked white car far ahead in the left lane. It does not "
+            "affect the ego car.", [1, 2, 3, 4], "vehicle"),
+     chain("region_object", "general", "general")),
+    (sample("synthetic", "regional", SYN_REGION_Q, "A blue car ahead cutting in from the right lane. The ego car "
+            "should slow down and leave space.", [1, 2, 3, 4], "vehicle"),
+     chain("region_object", "dynamic_agents", "caution")),
 ]
 
 
@@ -108,6 +136,30 @@ def test_rule_annotator_stays_inside_a_custom_taxonomy():
 def test_rule_annotator_is_deterministic():
     item = RULE_CASES[0][0]
     assert len({json.dumps(annotate_rule(item, TAXONOMY)) for _ in range(3)}) == 1
+
+
+def test_rule_annotator_recovers_synthetic_skills(tmp_path):
+    """On generated data the rules, reading only the text, agree with the generator's true skills."""
+    from data_recipes.synthetic import generate_synthetic
+    from mose_lightning.data.shards import iter_samples
+
+    generate_synthetic(tmp_path / "syn", 300, 30, 30, seed=3)
+    levels = ("perception", "prediction", "planning")
+    agree, n, tasks = {lv: 0 for lv in levels}, 0, set()
+    for split in ("train", "val", "test"):
+        for s in iter_samples(str(tmp_path / "syn" / split)):
+            item = s.to_json()
+            truth = dict(item["skills"])
+            # Nothing but the text may decide: hide the truth and the generator's metadata.
+            item.update(skills=None, source={})
+            got = annotate_rule(item, TAXONOMY)
+            n += 1
+            tasks.add(s.task)
+            for lv in levels:
+                agree[lv] += got[lv] == truth[lv]
+    assert n == 360 and tasks == {"general", "regional", "suggestion"}
+    rates = {lv: agree[lv] / n for lv in levels}
+    assert all(r >= 0.9 for r in rates.values()), rates
 
 
 def test_select_subset():

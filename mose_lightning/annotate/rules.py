@@ -9,7 +9,8 @@ Text is lower-cased; object tags and the words "ego car"/"ego vehicle" are neutr
 and the ego car itself never count as keywords; keywords match at word starts ("cone" matches "cones"). Where a level is decided by
 keywords, every keyword group of that level is counted and the group with the most hits wins; ties go to the
 row listed first. A level no rule decides gets its `general` skill, and so does a skill name the taxonomy in use
-does not have (custom taxonomies stay valid).
+does not have (custom taxonomies stay valid). The next three tables serve CODA-LM, DriveLM and any other
+dataset; the synthetic set has its own tables further down.
 
 perception
 | condition (first that holds wins)                                   | skill             |
@@ -17,7 +18,7 @@ perception
 | regional task, a `region` box, or an object tag `<c1,CAM_X,x,y>`    | region_object     |
 | question names traffic lights, signs, signals or road markings,    | traffic_control   |
 |   and no other kind of object (vehicles, pedestrians, cones, ...)   |                   |
-| coda_lm / synthetic (General, Suggestion); drivelm perception group | scene_key_objects |
+| other datasets (General, Suggestion); drivelm perception group     | scene_key_objects |
 | drivelm question about the scene/scenario/objects                   | scene_key_objects |
 | otherwise                                                           | general           |
 
@@ -42,6 +43,49 @@ the ego car should do; elsewhere the level is unused and gets general)
 | lane change, overtake, detour, turn, go around, merge, steer around     | manoeuvre      |
 | slow down, reduce speed, keep distance, caution, careful, vigilant      | caution        |
 | no hits                                                                  | general        |
+
+synthetic (data_recipes/synthetic.py) has its own rules: its answers are templates, so its skills can be read
+back from their structure and wording exactly, and they apply to every task (the generator gives the general
+task a planning skill too). An answer names at most two key objects, most important first; the second one comes
+in a trailing "Next is the ..." (general) or "Also watch the ..." (suggestion) sentence. That sentence only
+marks the ranking: every other rule reads the *primary* text, the answer without it. The ego car is neutralised
+as above, and "stop sign" never counts as a stop action.
+
+`category`, `skills` and `source` are not read for synthetic samples: the text alone decides.
+
+synthetic perception (first that holds wins)
+| condition                                                                  | skill             |
+|----------------------------------------------------------------------------|-------------------|
+| regional task or a `region` box                                            | region_object     |
+| primary names a traffic light/sign: "traffic light", "sign", "speed limit",| traffic_control   |
+|   "red/yellow/green light", "the light", or the speed-limit advice         |                   |
+|   "moderate speed"                                                         |                   |
+| general task, an object named (not a clear road: "road ahead is clear",   | scene_key_objects |
+|   "no object affects") that is not far away ("far ahead", "far away")     |                   |
+| otherwise (suggestion without a light/sign, clear road, only a far car)    | general           |
+
+synthetic prediction (first that holds wins)
+| condition                                                                  | skill             |
+|----------------------------------------------------------------------------|-------------------|
+| not regional, and a second object is ranked ("next is the",               | object_importance |
+|   "also watch the")                                                        |                   |
+| primary says the object does not matter: "does not affect", "no object    | general           |
+|   affects", "road ahead is clear", "far ahead", "far away"                |                   |
+| keyword vote over the primary: the dynamic keywords above plus cars,      | dynamic_agents    |
+|   trucks, vehicles, riding, merging vs the static keywords above plus     | / static_hazards  |
+|   "blocking", "narrowed" (ties go to dynamic_agents)                        |                   |
+| otherwise (traffic lights and signs, a clear road)                        | general           |
+
+synthetic planning (first that holds wins, over the primary text)
+| condition                                                                  | skill             |
+|----------------------------------------------------------------------------|-------------------|
+| "prepare to stop" (getting ready, not stopping: a yellow light)            | caution           |
+| the stop keywords above (stop, yield, wait, give way, brake, halt)        | stop_or_yield     |
+| the manoeuvre keywords above plus "change to the left/right lane"         | manoeuvre         |
+| the caution keywords above plus "leave space", "moderate speed",         | caution           |
+|   "narrowed"                                                               |                   |
+| otherwise ("may go on", "keep the lane and keep a steady speed",          | general           |
+|   "does not affect", a clear road)                                         |                   |
 """
 
 from __future__ import annotations
@@ -85,6 +129,17 @@ DYNAMIC_CATEGORIES = {"vehicle", "vru"}
 STATIC_CATEGORIES = {"traffic_cone", "barrier"}
 PLANNING_TASKS = {"suggestion", "planning", "behavior"}
 
+# Synthetic set (data_recipes/synthetic.py): the additions to the tables above that its templates need.
+SYN_SECONDARY = re.compile(r"\b(?:next is the|also watch the)\b")
+SYN_TRAFFIC_CONTROL = TRAFFIC_CONTROL + (r"(?:red|yellow|green) lights?", r"the lights?\b", r"moderate speed")
+SYN_CLEAR = (r"road ahead is clear", r"no objects? affects?")
+SYN_IRRELEVANT = SYN_CLEAR + (r"does not affect", r"far ahead", r"far away")
+SYN_DYNAMIC = DYNAMIC + (r"cars?\b", r"trucks?", r"vehicles?", r"riding", r"merging")
+SYN_STATIC = STATIC + (r"blocking", r"narrowed")
+SYN_PREPARE = (r"prepare to stop",)
+SYN_MANOEUVRE = MANOEUVRE + (r"change to the (?:left|right) lane",)
+SYN_CAUTION = CAUTION + (r"leave space", r"moderate speed", r"narrowed")
+
 
 def _compile(words: Sequence[str]) -> re.Pattern:
     return re.compile(r"\b(?:" + "|".join(words) + r")")
@@ -93,6 +148,9 @@ def _compile(words: Sequence[str]) -> re.Pattern:
 _P = {name: _compile(words) for name, words in {
     "traffic_control": TRAFFIC_CONTROL, "other_objects": OTHER_OBJECTS, "scene": SCENE_WORDS, "importance": IMPORTANCE, "dynamic": DYNAMIC,
     "static": STATIC, "stop": STOP, "manoeuvre": MANOEUVRE, "caution": CAUTION, "action": ACTION_QUESTION,
+    "syn_traffic_control": SYN_TRAFFIC_CONTROL, "syn_clear": SYN_CLEAR, "syn_irrelevant": SYN_IRRELEVANT,
+    "syn_dynamic": SYN_DYNAMIC, "syn_static": SYN_STATIC, "syn_prepare": SYN_PREPARE, "syn_manoeuvre": SYN_MANOEUVRE,
+    "syn_caution": SYN_CAUTION,
 }.items()}
 
 
@@ -142,6 +200,36 @@ def _planning(task: str, q: str, a: str) -> str:
     return _vote(text, (("stop", "stop_or_yield"), ("manoeuvre", "manoeuvre"), ("caution", "caution"))) or GENERAL
 
 
+def _synthetic(task: str, a: str, tagged: bool) -> Dict[str, str]:
+    """The synthetic rules of the module doc, from the (lower-cased, ego-neutralised) answer alone."""
+    parts = SYN_SECONDARY.split(a, maxsplit=1)
+    primary, ranked = parts[0], len(parts) > 1
+    if tagged:
+        perception = "region_object"
+    elif _hits("syn_traffic_control", primary):
+        perception = "traffic_control"
+    elif task == "general" and primary.strip() and not _hits("syn_irrelevant", primary):
+        perception = "scene_key_objects"
+    else:
+        perception = GENERAL
+
+    if ranked and not tagged:
+        prediction = "object_importance"
+    elif _hits("syn_irrelevant", primary):
+        prediction = GENERAL
+    else:
+        prediction = _vote(primary, (("syn_dynamic", "dynamic_agents"), ("syn_static", "static_hazards"))) or GENERAL
+
+    acts = re.sub(r"\bstop signs?\b", "sign", primary)
+    planning = GENERAL
+    for group, skill in (("syn_prepare", "caution"), ("stop", "stop_or_yield"), ("syn_manoeuvre", "manoeuvre"),
+                         ("syn_caution", "caution")):
+        if _hits(group, acts):
+            planning = skill
+            break
+    return {"perception": perception, "prediction": prediction, "planning": planning}
+
+
 def annotate_rule(sample: Mapping[str, Any], taxonomy: SkillTaxonomy) -> Dict[str, str]:
     """{level: skill} for one sample dict (see mose_lightning/data/sample.py for the fields used)."""
     dataset = str(sample.get("dataset") or "")
@@ -156,11 +244,14 @@ def annotate_rule(sample: Mapping[str, Any], taxonomy: SkillTaxonomy) -> Dict[st
     # The ego car is not one of the objects or agents the rules look for.
     q = re.sub(r"\bego (?:car|vehicle)s?\b", "ego", q)
     a = re.sub(r"\bego (?:car|vehicle)s?\b", "ego", a)
-    decided = {
-        "perception": _perception(dataset, task, q, tagged),
-        "prediction": _prediction(dataset, task, q, a, sample.get("category")),
-        "planning": _planning(task, q, a),
-    }
+    if dataset == "synthetic":
+        decided = _synthetic(task, a, tagged)
+    else:
+        decided = {
+            "perception": _perception(dataset, task, q, tagged),
+            "prediction": _prediction(dataset, task, q, a, sample.get("category")),
+            "planning": _planning(task, q, a),
+        }
     out: Dict[str, str] = {}
     for level in taxonomy.levels:
         skill = decided.get(level.name, GENERAL)

@@ -80,7 +80,8 @@ class ShardStream(IterableDataset):
     """Encoded samples of one rank; see the module docstring for the splitting rules."""
 
     def __init__(self, shards: List[str], encode: Callable[[Sample], Dict[str, Any]], rank: int, world: int,
-                 train: bool, seed: int, shuffle_buffer: int, samples_per_rank: int = 0, total: int = 0) -> None:
+                 train: bool, seed: int, shuffle_buffer: int, samples_per_rank: int = 0, total: int = 0,
+                 limit: int = 0) -> None:
         self.shards = shards
         self.encode = encode
         self.rank, self.world = rank, world
@@ -89,6 +90,8 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.samples_per_rank = samples_per_rank
         self.total = total
+        # Data-scaling runs: this rank keeps only its share of the first `limit` samples of its shards.
+        self.limit = -(-limit // world) if limit else 0
         self.epoch = 0
         if train and len(shards) < world:
             raise ConfigError(
@@ -112,6 +115,8 @@ class ShardStream(IterableDataset):
                 skips.add("damaged shard")
             stats.skipped.clear()
             index += 1
+            if self.train and self.limit and index > self.limit:
+                break
             if (index - 1) % stride != offset:
                 continue
             try:
@@ -142,7 +147,8 @@ class ShardStream(IterableDataset):
         """Encoded samples forever, shard order reshuffled on every pass."""
         while True:
             order = list(shards)
-            rng.shuffle(order)
+            if not self.limit:  # with a limit the subset must stay the same every pass
+                rng.shuffle(order)
             got_any = False
             for item in self._encoded(self._records(order, skips, stride, offset), skips):
                 got_any = True
@@ -263,7 +269,7 @@ class DriveDataModule(pl.LightningDataModule):
             raise ConfigError("data.train_shards is empty; expected the training shards")
         rank, world = _dist_rank_world()
         stream = ShardStream(info.shards, self.encoder(True), rank, world, True, self.cfg.seed,
-                             self.cfg.shuffle_buffer, self.samples_per_rank(world))
+                             self.cfg.shuffle_buffer, self.samples_per_rank(world), limit=self.cfg.train_limit)
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         stream.set_epoch(epoch)
         return self._loader(stream, self.cfg.batch_size, "right")
