@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -172,6 +173,9 @@ class DataConfig:
     shuffle_buffer: int = 256
     # Samples each rank draws per training epoch (resampled shards keep ranks in step). 0: the dataset size / world.
     samples_per_epoch: int = 0
+    # Ablation: every view replaced by a uniform gray image, i.e. a model that cannot see (the synthetic task's
+    # check that answers need the image).
+    blank_images: bool = False
     # Train on the first N training samples only (data-scaling experiments, paper Fig. 8). 0: all.
     train_limit: int = 0
     seed: int = 0
@@ -383,6 +387,8 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         raise ConfigError(f"command-line override: {_describe(err)}") from err
+    except yaml.YAMLError as err:  # the value part of key=value is parsed as YAML
+        raise ConfigError(f"command-line override: a value is not valid YAML: {str(err).splitlines()[0]}") from err
     try:
         cfg = OmegaConf.to_object(merged)
     except ConfigError as err:

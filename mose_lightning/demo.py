@@ -16,6 +16,7 @@ from mose_lightning.io import atomic_write_json, atomic_write_text
 EXPERIMENTS = PROJECT_ROOT / "configs" / "experiment"
 TABLE1_ROWS = [("SFT", "toy_sft"), ("MoE 4x1", "toy_moe_4x1"), ("MoE 8x1", "toy_moe_8x1"), ("MoSE", "toy_mose"),
                ("MoSE + expert groups", "toy_mose_expert_group")]
+BLIND_ROW = "MoSE, gray images (control)"
 
 
 def _banner(text: str) -> None:
@@ -66,7 +67,8 @@ def _quality(eval_dir: Path) -> Dict[str, float]:
     return {task: values["token_f1"] for task, values in scores.items() if isinstance(values, dict) and "token_f1" in values}
 
 
-def _train_and_eval(name: str, seed: int, root: Path, fraction: float = 1.0, overrides: Sequence[str] = ()) -> Dict:
+def _train_and_eval(name: str, seed: int, root: Path, fraction: float = 1.0, overrides: Sequence[str] = (),
+                    tag: str = "") -> Dict:
     from mose_lightning.params import parameter_report
     from mose_lightning.stages.evaluate import run_eval
     from mose_lightning.stages.sft import run_expert_group, run_sft
@@ -77,7 +79,7 @@ def _train_and_eval(name: str, seed: int, root: Path, fraction: float = 1.0, ove
     if fraction < 1.0:
         cfg.data.train_limit = max(1, int(cfg.data.synthetic.num_train * fraction))
         cfg.router_pretrain.max_samples = cfg.data.train_limit
-    run = root / f"{name}_frac{fraction:g}_seed{seed}"
+    run = root / f"{name}{tag}_frac{fraction:g}_seed{seed}"
     cfg.run_dir = str(run / "train")
     router_acc = None
     if cfg.moe.kind in ("mose", "expert_group"):
@@ -126,6 +128,11 @@ def run_reproduce_toy(overrides: Sequence[str] = (), seeds: Sequence[int] = (0, 
         for seed in seeds:
             _banner(f"Table 1: {label}, seed {seed}")
             results.setdefault(label, []).append(_train_and_eval(name, seed, root, 1.0, overrides))
+    # The control the synthetic task is built to pass: the same MoSE recipe with every image replaced by gray.
+    for seed in seeds:
+        _banner(f"control: MoSE without images (gray views), seed {seed}")
+        results.setdefault(BLIND_ROW, []).append(
+            _train_and_eval("toy_mose", seed, root, 1.0, [*overrides, "data.blank_images=true"], tag="_blind"))
     tasks = sorted({t for rows in results.values() for r in rows for t in r["quality"] if t != "overall"})
     lines = ["| Method | Activated | Total | " + " | ".join(tasks) + " | Overall | Router acc |",
              "|---" * (len(tasks) + 5) + "|"]

@@ -50,15 +50,16 @@ class MoEVisionLanguageModel(nn.Module):
 
     @contextmanager
     def routing(self, prompt_mask: Optional[torch.Tensor] = None, skill_labels: Optional[torch.Tensor] = None,
-                prompt_length: Optional[int] = None):
-        """Set the routers' per-forward inputs; restore a clean context afterwards."""
+                prompt_length: Optional[int] = None, teacher_forcing: Optional[bool] = None):
+        """Set the routers' per-forward inputs; restore a clean context afterwards. `teacher_forcing`: route by
+        `skill_labels` (None: as `moe.teacher_forcing` says)."""
         ctx = self.context
         ctx.reset()
         ctx.prompt_mask = prompt_mask.bool() if prompt_mask is not None else None
         ctx.explicit_prompt_mask = prompt_mask is not None
         ctx.prompt_length = prompt_length
         ctx.skill_labels = skill_labels
-        ctx.teacher_forcing = bool(self.cfg.moe.teacher_forcing)
+        ctx.teacher_forcing = bool(self.cfg.moe.teacher_forcing if teacher_forcing is None else teacher_forcing)
         try:
             yield ctx
         finally:
@@ -92,17 +93,19 @@ class MoEVisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: Dict[str, torch.Tensor], max_new_tokens: int, reroute_every_step: bool = False,
-                 **generate_kwargs) -> torch.Tensor:
+                 teacher_forcing: bool = False, **generate_kwargs) -> torch.Tensor:
         """Greedy single-round generation from a left-padded prompt batch; returns only the new tokens.
 
         MoSE routing is decided once on the prompt and reused for every generated token. With
         `reroute_every_step` the KV cache is off and every step re-runs the whole sequence through the routers
         (prompt tokens only, as in training): the reference the cached path is tested against.
+        The routers decide, also for a model trained with `moe.teacher_forcing`: the batch's skill labels are
+        ground truth that inference must not see. `teacher_forcing=True` routes by them (oracle routing).
         """
         inputs = self.adapter.model_inputs(batch)
         prompt_length = inputs["input_ids"].shape[1]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        with self.routing(None, batch.get("skill_labels"), prompt_length=prompt_length):
+        with self.routing(None, batch.get("skill_labels"), prompt_length=prompt_length, teacher_forcing=teacher_forcing):
             sequences = self.backbone.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,

@@ -180,28 +180,49 @@ class ShardStream(IterableDataset):
         worker, workers = self._worker()
         skips = _Skips()
         per_rank = -(-self.total // self.world)
-        first: Optional[Sample] = None
-        seen = 0
-        global_index = -1
-        for sample in self._records(self.shards, skips):
-            global_index += 1
-            if global_index % self.world != self.rank:
-                continue
-            local = global_index // self.world
-            if local % workers != worker:
-                continue
-            first = first or sample
-            seen += 1
-            for item in self._encoded(iter([sample]), skips):
+        # Every worker of every rank yields exactly its share of `per_rank` (real samples, then pads): equal item
+        # and batch counts on every rank, also when a rank has one sample fewer or skipped some.
+        target = len(range(worker, per_rank, workers))
+        # Every rank and worker reads all records; damaged shards and malformed records are counted once.
+        record_skips = skips if self.rank == 0 and worker == 0 else _Skips()
+
+        def mine() -> Iterator[Sample]:
+            global_index = -1
+            for sample in self._records(self.shards, record_skips):
+                global_index += 1
+                if global_index % self.world == self.rank and (global_index // self.world) % workers == worker:
+                    yield sample
+
+        def items() -> Iterator[Dict[str, Any]]:
+            first: Optional[Dict[str, Any]] = None
+            produced = 0
+            for item in self._encoded(mine(), skips):
                 item["meta"]["pad"] = False
+                if first is None:
+                    first = {**item, "meta": dict(item["meta"])}
+                produced += 1
                 yield item
-        # Pad so every rank yields the same count; worker 0 of the rank does it.
-        mine = len(range(self.rank, self.total, self.world))
-        if worker == 0 and first is not None:
-            for _ in range(per_rank - mine):
-                for item in self._encoded(iter([first]), skips):
-                    item["meta"]["pad"] = True
-                    yield item
+            if produced >= target:
+                return
+            if first is None:
+                # Nothing of this worker's share was usable: pad with the first usable sample of the split.
+                first = next(self._encoded(self._records(self.shards, _Skips()), _Skips()), None)
+                if first is None:
+                    raise ShardError(f"rank {self.rank}: no usable sample in shards {self.shards}")
+            for _ in range(target - produced):
+                yield {**first, "meta": {**first["meta"], "pad": True}, "skipped": {}}
+
+        # Hold the last item back so skips after it (a damaged shard tail, bad last samples) still travel with it.
+        held: Optional[Dict[str, Any]] = None
+        for item in items():
+            if held is not None:
+                yield held
+            held = item
+        if held is not None:
+            trailing = skips.drain()
+            if trailing:
+                held["skipped"] = dict(Counter(held.get("skipped", {})) + Counter(trailing))
+            yield held
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         return self._train_iter() if self.train else self._eval_iter()
@@ -244,7 +265,7 @@ class DriveDataModule(pl.LightningDataModule):
     def encoder(self, with_answer: bool) -> SampleEncoder:
         c = self.cfg
         settings = EncodeSettings(c.image_width, c.image_height, c.max_length, c.overlong, c.system_prompt or None,
-                                  with_answer)
+                                  with_answer, c.blank_images)
         return SampleEncoder(self.adapter, self.processor, self.taxonomy, settings)
 
     def samples_per_rank(self, world: int) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+from PIL import Image
 import torch
 
 from mose_lightning.data.sample import Sample, decode_images
@@ -40,6 +41,7 @@ class EncodeSettings:
     overlong: str  # skip | truncate_prompt
     system_prompt: Optional[str]
     with_answer: bool  # training/validation loss: prompt + answer; generation: prompt only
+    blank_images: bool = False
 
 
 class SampleEncoder:
@@ -74,6 +76,8 @@ class SampleEncoder:
         if s.with_answer and not sample.answer:
             raise ValueError(f"sample {sample.key!r}: no answer to train on")
         images = [img.resize((s.image_width, s.image_height)) for img in decode_images(sample)]
+        if s.blank_images:
+            images = [Image.new("RGB", img.size, (128, 128, 128)) for img in images]
         question = sample.question
         enc = self._encode(images, question, sample.answer)
         truncated = 0

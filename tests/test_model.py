@@ -1,0 +1,432 @@
+"""The whole model on the toy backbone: upcycling equivalence, generation with routing reuse, teacher forcing,
+what trains, save/load, config errors and meta builds of every experiment config.
+
+Batches are real: synthetic shards -> DriveDataModule -> SampleEncoder -> collate, as training sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mose_lightning.checkpoint import load_model, save_model
+from mose_lightning.config import ConfigError, load_config
+from mose_lightning.data.datamodule import DriveDataModule
+from mose_lightning.model import build_model
+from mose_lightning.moe import ExpertGroupBlock, MoSEBlock, TopKMoEBlock
+from mose_lightning.params import parameter_report
+
+PROJECT = Path(__file__).resolve().parent.parent
+NEW_TOKENS = 6
+
+
+def _first_batch(loader):
+    return next(iter(loader))
+
+
+@pytest.fixture(scope="module")
+def dense(make_config):
+    return build_model(make_config("moe.kind=dense"))
+
+
+@pytest.fixture(scope="module")
+def datamodule(dense):
+    return DriveDataModule(dense.cfg.data, dense.adapter, dense.processor, dense.taxonomy)
+
+
+@pytest.fixture(scope="module")
+def batch(datamodule):
+    """4 validation samples: images + question + answer, right-padded, with labels and skill labels."""
+    b = _first_batch(datamodule.val_dataloader())
+    assert b["input_ids"].shape[0] == 4 and "pixel_values" in b
+    return b
+
+
+@pytest.fixture(scope="module")
+def gen_batch(datamodule):
+    """4 test prompts (images + question, no answer), left-padded for generation."""
+    b = _first_batch(datamodule.generation_dataloader("test"))
+    assert b["input_ids"].shape[0] == 4 and "labels" not in b
+    return b
+
+
+@pytest.fixture(scope="module")
+def dense_outputs(dense, batch, gen_batch):
+    with torch.no_grad():
+        logits = dense(batch).logits
+    return logits, dense.generate(gen_batch, NEW_TOKENS)
+
+
+def _perturb(model, seed=0, expert_std=0.05, router_std=3.0):
+    """Make the skill experts differ from each other and the routers decisive, so routing changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.moe_blocks:
+            for p in (block.experts.gate_up_proj, block.experts.down_proj):
+                p.add_(torch.randn(p.shape, generator=gen) * expert_std)
+            if isinstance(block, (MoSEBlock, ExpertGroupBlock)):
+                w = block.router.classifier.weight
+                w.copy_(torch.randn(w.shape, generator=gen) * router_std)
+    return model
+
+
+# ---- 1. upcycling equivalence ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("combine", ["weighted", "sum"])
+@pytest.mark.parametrize("kind", ["mose", "topk", "expert_group"])
+def test_upcycled_model_computes_the_dense_model(make_config, kind, combine, batch, gen_batch, dense_outputs):
+    model = build_model(make_config(f"moe.kind={kind}", f"moe.combine={combine}"))
+    block_types = {"mose": MoSEBlock, "topk": TopKMoEBlock, "expert_group": ExpertGroupBlock}
+    assert len(model.moe_blocks) == 4 and all(type(b) is block_types[kind] for b in model.moe_blocks)
+    dense_logits, dense_tokens = dense_outputs
+    with torch.no_grad():
+        logits = model(batch).logits
+    assert logits.shape == dense_logits.shape
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    tokens = model.generate(gen_batch, NEW_TOKENS)
+    assert torch.equal(tokens, dense_tokens)
+
+
+# ---- 2. generation: cached routing reuse == re-routing every step ------------------------------------------------
+
+
+def test_cached_generation_matches_rerouting_every_step(make_config, gen_batch, dense_outputs):
+    model = _perturb(build_model(make_config("moe.kind=mose")))
+    cached = model.generate(gen_batch, NEW_TOKENS)
+    chain_cached = model.skill_chain()
+    rerouted = model.generate(gen_batch, NEW_TOKENS, reroute_every_step=True)
+    chain_rerouted = model.skill_chain()
+
+    # The perturbation is strong enough to matter: samples take different experts, and the output is no longer
+    # the dense model's (so identical tokens below are not trivially explained by equal experts).
+    assert len(chain_cached) == 4
+    assert any(len(set(route.expert)) > 1 for route in chain_cached)
+    assert not torch.equal(cached, dense_outputs[1])
+
+    assert torch.equal(cached, rerouted)
+    assert [(r.layer, r.level, r.expert) for r in chain_cached] == [(r.layer, r.level, r.expert) for r in chain_rerouted]
+    for a, b in zip(chain_cached, chain_rerouted):
+        assert a.prob == pytest.approx(b.prob, abs=1e-5)
+
+
+def test_generation_routes_on_the_prompt_only(make_config, gen_batch):
+    """The route of a generated batch equals the route of a plain forward over the same prompts."""
+    model = _perturb(build_model(make_config("moe.kind=mose")), seed=1)
+    model.generate(gen_batch, 3)
+    chain = [r.expert for r in model.skill_chain()]
+    prompt_only = {k: v for k, v in gen_batch.items() if k != "labels"}
+    prompt_only["prompt_mask"] = gen_batch["attention_mask"].bool()
+    with torch.no_grad():
+        model(prompt_only, with_loss=False)
+    assert chain == [r.expert for r in model.skill_chain()]
+
+
+# ---- 3. teacher forcing ---------------------------------------------------------------------------------------------
+
+
+def _expected_router_choice(model, batch):
+    """Independent expectation: argmax of each MoSE router on the mean of the prompt tokens entering its layer,
+    taken from the backbone's own hidden-state outputs (hidden_states[i] is the input of decoder layer i)."""
+    inputs = model.adapter.model_inputs(batch)
+    with torch.no_grad(), model.routing(batch["prompt_mask"], None):
+        out = model.backbone(**inputs, use_cache=False, output_hidden_states=True)
+    expected = []
+    for block in model.layout.sequence_routed:
+        hidden = out.hidden_states[block.layer_index].float()
+        mask = batch["prompt_mask"].float().unsqueeze(-1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        normed = pooled / pooled.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        logits = normed @ block.router.classifier.weight.float().T + block.router.classifier.bias.float()
+        expected.append(logits.argmax(-1).tolist())
+    return expected
+
+
+@pytest.mark.parametrize("teacher_forcing", [True, False])
+def test_routing_follows_teacher_labels_or_router(make_config, batch, teacher_forcing):
+    model = _perturb(build_model(make_config("moe.kind=mose", f"moe.teacher_forcing={str(teacher_forcing).lower()}")),
+                     seed=2)
+    labels = batch["skill_labels"].clone()
+    assert labels.shape == (4, 3) and (labels >= 0).all()
+    labels[0] = -1  # an unannotated sample: the router decides for it even under teacher forcing
+    routed = dict(batch, skill_labels=labels)
+    with torch.no_grad():
+        model(routed)
+    chain = model.skill_chain()
+    router_choice = _expected_router_choice(model, batch)
+    assert [r.level for r in chain] == ["perception", "prediction", "planning", "planning"]
+    level_index = {"perception": 0, "prediction": 1, "planning": 2}
+    for route, from_router in zip(chain, router_choice):
+        if teacher_forcing:
+            expected = [from_router[0]] + labels[1:, level_index[route.level]].tolist()
+        else:
+            expected = from_router
+        assert route.expert == expected, route
+    if teacher_forcing:
+        # Forcing makes a difference for this batch (else the test would not tell the two apart).
+        assert any(r.expert[1:] != c[1:] for r, c in zip(chain, router_choice))
+
+
+def test_generation_routes_by_router_even_for_a_teacher_forced_model(make_config, gen_batch):
+    """Test-time skill labels are ground truth: generation must not route by them unless asked to (oracle)."""
+    model = _perturb(build_model(make_config("moe.kind=mose", "moe.teacher_forcing=true")), seed=2)
+    labels = gen_batch["skill_labels"]
+    assert (labels >= 0).all()
+    model.generate(gen_batch, 2)
+    by_router = [r.expert for r in model.skill_chain()]
+    model.generate(gen_batch, 2, teacher_forcing=True)
+    oracle = [r.expert for r in model.skill_chain()]
+    level_index = {"perception": 0, "prediction": 1, "planning": 2}
+    assert oracle == [labels[:, level_index[block.level_name]].tolist() for block in model.layout.sequence_routed]
+    assert by_router != oracle
+    plain = _perturb(build_model(make_config("moe.kind=mose")), seed=2)
+    plain.generate(gen_batch, 2)
+    assert by_router == [r.expert for r in plain.skill_chain()]
+
+
+# ---- 4. what trains -------------------------------------------------------------------------------------------------
+
+
+def _backward(model, batch):
+    model.train()
+    out = model(batch)
+    loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+    loss.backward()
+    model.eval()
+    return dict(model.backbone.named_parameters())
+
+
+def _has_grad(p):
+    return p.grad is not None and bool(p.grad.abs().sum() > 0)
+
+
+def _check_grads_only_on_trainable(params):
+    for name, p in params.items():
+        if not p.requires_grad:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    assert any(_has_grad(p) for p in params.values())
+
+
+@pytest.mark.parametrize("router_trainable", [False, True])
+def test_gradients_reach_only_trainable_parameters(make_config, batch, router_trainable):
+    model = build_model(make_config("moe.kind=mose", f"moe.router_trainable={str(router_trainable).lower()}"))
+    params = _backward(model, batch)
+    _check_grads_only_on_trainable(params)
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable and all(".mlp." in n for n in trainable)
+    routers = {n for n in params if ".mlp.router." in n}
+    assert len(routers) == 8  # weight + bias of 4 routers
+    for name in routers:
+        assert params[name].requires_grad == router_trainable
+        assert _has_grad(params[name]) == router_trainable, name
+    # Shared experts and the stacked skill experts learn (the chosen experts' slices at least).
+    for block_name in [n for n in trainable if n.endswith("experts.gate_up_proj")]:
+        assert _has_grad(params[block_name])
+    assert all(_has_grad(params[n]) for n in trainable if ".mlp.shared." in n)
+    # Nothing outside the MoE blocks has a gradient.
+    assert not any(p.grad is not None for n, p in params.items() if ".mlp." not in n)
+
+
+def test_dense_kind_trains_only_the_chosen_layers_mlp(make_config, batch):
+    model = build_model(make_config("moe.kind=dense", "moe.layers=0,2"))
+    params = _backward(model, batch)
+    _check_grads_only_on_trainable(params)
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    expected = {f"model.language_model.layers.{i}.mlp.{proj}.weight" for i in (0, 2)
+                for proj in ("gate_proj", "up_proj", "down_proj")}
+    assert trainable == expected
+    assert all(_has_grad(params[n]) for n in expected)
+
+
+def test_extra_trainable_patterns(make_config, batch):
+    model = build_model(make_config("moe.kind=mose", "moe.extra_trainable=['*.language_model.norm.weight','*layers.1.self_attn.q_proj.*']"))
+    params = _backward(model, batch)
+    _check_grads_only_on_trainable(params)
+    extra = {n for n, p in params.items() if p.requires_grad and ".mlp." not in n}
+    assert extra == {
+        "model.language_model.norm.weight",
+        "model.language_model.layers.1.self_attn.q_proj.weight",
+        "model.language_model.layers.1.self_attn.q_proj.bias",
+    }
+    assert all(_has_grad(params[n]) for n in extra)
+
+
+def test_extra_trainable_pattern_matching_nothing_is_an_error(make_config):
+    with pytest.raises(ConfigError, match="moe.extra_trainable"):
+        build_model(make_config("moe.extra_trainable=['no_such_param*']"))
+
+
+# ---- 5. save / load -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(make_config, tmp_path_factory, batch):
+    model = _perturb(build_model(make_config("moe.kind=mose")), seed=3)
+    with torch.no_grad():
+        logits = model(batch).logits
+    directory = save_model(model, tmp_path_factory.mktemp("ckpt") / "model")
+    return model, directory, logits
+
+
+def test_save_load_round_trip_is_bit_identical(saved, batch):
+    model, directory, logits = saved
+    assert sorted(os.listdir(directory)) == ["config.yaml", "model.json", "weights.safetensors"]
+    loaded = load_model(directory, expected=model.cfg)
+    with torch.no_grad():
+        again = loaded(batch).logits
+    assert torch.equal(again, logits)
+    assert [r.expert for r in loaded.skill_chain()] == [r.expert for r in model.skill_chain()]
+
+
+def test_loading_into_a_different_architecture_names_the_key(saved, make_config):
+    _, directory, _ = saved
+    with pytest.raises(ConfigError, match=r"moe\.num_experts: checkpoint 4 vs config 8"):
+        load_model(directory, expected=make_config("moe.kind=mose", "moe.num_experts=8"))
+    with pytest.raises(ConfigError, match=r"moe\.kind"):
+        load_model(directory, expected=make_config("moe.kind=topk"))
+
+
+def test_loading_a_directory_without_weights_is_a_clear_error(saved, tmp_path):
+    import shutil
+
+    _, directory, _ = saved
+    broken = tmp_path / "broken"
+    shutil.copytree(directory, broken)
+    (broken / "weights.safetensors").unlink()
+    with pytest.raises(ConfigError, match="missing weights.safetensors"):
+        load_model(broken)
+    with pytest.raises(ConfigError, match="not a saved model directory"):
+        load_model(tmp_path / "nothing_here")
+
+
+# ---- 6. config errors -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("moe.no_such_key=1", r"moe\.no_such_key"),
+        ("no_section.key=1", r"no_section"),
+        ("moe.num_experts=many", r"moe\.num_experts"),
+        ("data.batch_size=1.5", r"data\.batch_size"),
+        ("moe.kind=sparse", r"moe\.kind: expected one of \['dense', 'topk', 'mose', 'expert_group'\], got 'sparse'"),
+        ("moe.combine=mean", r"moe\.combine"),
+        ("data.overlong=crop", r"data\.overlong"),
+        ("moe.top_k=5", r"moe\.top_k"),
+    ],
+)
+def test_bad_override_names_the_key(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(PROJECT / "configs/experiment/toy_mose.yaml", [override])
+
+
+def test_bad_yaml_value_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {PROJECT / 'configs/experiment/toy_mose.yaml'}\nmoe:\n  kind: sparse\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*moe\.kind"):
+        load_config(bad)
+    bad.write_text("moe:\n  num_expertz: 4\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*num_expertz"):
+        load_config(bad)
+
+
+TAXONOMY = """
+levels:
+  - name: perception
+    skills:
+      - {name: general, expert: 0}
+      - {name: region_object, expert: 1}
+  - name: prediction
+    skills:
+      - {name: general, expert: 0}
+  - name: planning
+    skills:
+      - {name: general, expert: 0}
+"""
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda t: t.replace("{name: region_object, expert: 1}", "{name: general, expert: 1}"),
+         r"duplicate skill name 'general' in level 'perception'"),
+        (lambda t: t.replace("{name: general, expert: 0}\n  - name: planning", "{name: other, expert: 0}\n  - name: planning"),
+         r"level 'prediction' must have exactly one skill named 'general'"),
+        (lambda t: t.replace("expert: 1}", "expert: 0}"), r"expert 0 already serves another skill"),
+        (lambda t: t.replace("name: planning", "name: perception"), r"duplicate level name 'perception'"),
+    ],
+)
+def test_taxonomy_errors_name_the_file(make_config, tmp_path, edit, pattern):
+    path = tmp_path / "skills.yaml"
+    path.write_text(edit(TAXONOMY))
+    with pytest.raises(ConfigError, match=pattern) as info:
+        build_model(make_config(f"skills.taxonomy={path}"), meta=True)
+    assert str(path) in str(info.value)
+
+
+def test_more_skills_than_experts_names_num_experts(make_config):
+    with pytest.raises(ConfigError, match=r"4 skills but the MoSE blocks have only 3 skill experts \(moe\.num_experts\)"):
+        build_model(make_config("moe.num_experts=3"), meta=True)
+    # The token-level baseline does not route by skill, so the taxonomy does not bound its experts.
+    build_model(make_config("moe.kind=topk", "moe.num_experts=2"), meta=True)
+
+
+def test_level_allocation_must_cover_the_moe_layers(make_config):
+    with pytest.raises(ConfigError, match=r"moe\.level_allocation \[1, 1, 1\] sums to 3"):
+        build_model(make_config("moe.level_allocation=[1,1,1]"), meta=True)
+
+
+def test_missing_taxonomy_file(make_config, tmp_path):
+    with pytest.raises(ConfigError, match="skills.taxonomy"):
+        build_model(make_config(f"skills.taxonomy={tmp_path / 'nope.yaml'}"), meta=True)
+
+
+# ---- 7. every experiment config builds on the meta device -----------------------------------------------------------
+
+EXPERIMENTS = sorted((PROJECT / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_experiment_config_builds_on_meta(path):
+    cfg = load_config(path)
+    model = build_model(cfg, meta=True)
+    assert all(p.device.type == "meta" for p in model.backbone.parameters())
+    report = parameter_report(model)
+    assert report["kind"] == cfg.moe.kind
+    assert 0 < report["trainable"] <= report["total"]
+    assert report["activated"] <= report["total"]
+    if cfg.moe.kind == "dense":
+        assert report["moe_layers"] == 0 and report["activated"] == report["total"]
+    else:
+        assert report["moe_layers"] == len(model.moe_blocks) > 0
+        assert report["activated"] < report["total"]
+
+
+def test_coda_mose_parameter_report():
+    cfg = load_config(PROJECT / "configs/experiment/coda_mose.yaml")
+    report = parameter_report(build_model(cfg, meta=True))
+    assert report["moe_layers"] == 14
+    assert report["moe_layer_indices"] == list(range(0, 28, 2))
+    assert report["levels"] == [4, 5, 5]
+    assert report["activated"] < 3e9
+    assert report["total"] > report["activated"]
+
+
+def test_mose_params_cli_json():
+    exe = PROJECT / ".venv" / "bin" / "mose"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mose_lightning.cli"]
+    proc = subprocess.run(cmd + ["params", "--config", "configs/experiment/coda_mose.yaml", "--json"],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"total", "trainable", "activated", "moe_layers", "levels"} <= set(report)
+    assert report["moe_layers"] == 14 and report["levels"] == [4, 5, 5]
+    assert report["activated"] < 3e9 and report["trainable"] < report["total"]
+    assert report == parameter_report(build_model(load_config(PROJECT / "configs/experiment/coda_mose.yaml"), meta=True))
