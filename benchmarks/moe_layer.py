@@ -299,6 +299,7 @@ def run(args) -> dict:
             "batch": batch, "seq": seq, "tokens": batch * seq,
         }
         log(f"[{NAME}] size={size} hidden={hidden} I={inter} tokens={batch}x{seq} device={device} dtype={dtype}")
+        torch.manual_seed(args.seed)  # the same weights and routing per size, whichever sizes run before it
         base, variants, x, grad_out = build_variants(hidden, inter, batch, seq, device, dtype, args.hf_experts)
         variants = {k: v for k, v in variants.items() if k in wanted}
 

@@ -4,13 +4,17 @@ No timing assertions: timings on shared CI machines mean nothing.
 """
 
 import json
+import os
 import sys
 
 import pytest
 import torch
 
-from benchmarks import moe_layer
-from benchmarks.common import base_parser, benchmark_modules, time_interleaved
+# benchmarks/ is a top-level package of the repository, not part of the installed mose_lightning.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import moe_layer  # noqa: E402
+from benchmarks.common import base_parser, benchmark_modules, time_interleaved  # noqa: E402
 
 
 def test_moe_layer_json_structure(capsys):

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mose_lightning.moe.experts import StackedSwiGLUExperts, sort_rows_by_expert
+from mose_lightning.moe.experts import StackedSwiGLUExperts, permute_rows, sort_rows_by_expert
 from mose_lightning.moe.routing import (
     RouteDecision,
     RoutingContext,
@@ -51,13 +51,20 @@ class _SharedPlusRouted(nn.Module):
         self.combine = combine
         self.shared_weight = shared_weight if shared is not None else 0.0
 
-    def _combine(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    def _combine(self, x: torch.Tensor, routed: torch.Tensor, routed_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Shared and routed outputs mixed by the combination rule; `routed_scale` (broadcastable to `routed`, e.g.
+        the gate scale per sample) multiplies the routed term. Two passes over the output: the routed term's
+        scales are folded into one multiplier and the shared weight into the add."""
         if self.shared is None:
-            return routed
+            return routed if routed_scale is None else routed * routed_scale
         shared = self.shared(x)
-        if self.combine == "sum":
-            return shared + routed
-        return self.shared_weight * shared + (1.0 - self.shared_weight) * routed
+        coef = 1.0 if self.combine == "sum" else 1.0 - self.shared_weight
+        if routed_scale is not None:
+            routed = routed * (routed_scale * coef if coef != 1.0 else routed_scale)
+        elif coef != 1.0:
+            routed = routed * coef
+        alpha = 1.0 if self.combine == "sum" else self.shared_weight
+        return torch.add(routed, shared, alpha=alpha) if alpha != 1.0 else routed + shared
 
 
 def _upcycled_experts(dense_mlp: nn.Module, num_experts: int, activation: str, dispatch: str, combine: str):
@@ -137,6 +144,12 @@ class _SequenceRoutedBlock(_SharedPlusRouted):
             return route.prob / route.prob.detach()
         return torch.ones_like(route.prob)
 
+    def _routed_scale(self, route: RouteDecision, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The gate scale as a (B, 1, 1) multiplier, or None where it is a constant 1 (no router gradient)."""
+        if torch.is_grad_enabled() and route.prob.requires_grad:
+            return self._gate_scale(route).to(dtype).view(-1, 1, 1)
+        return None
+
 
 class MoSEBlock(_SequenceRoutedBlock):
     """Shared expert + `num_experts` skill experts, hard top-1 skill routing per sample."""
@@ -168,11 +181,10 @@ class MoSEBlock(_SequenceRoutedBlock):
         num_experts = self.experts.num_experts
         # Whole sequences go to one expert: sort the batch by expert, then each expert's rows are contiguous.
         order, inverse, counts = sort_rows_by_expert(route.expert, num_experts)
-        routed = self.experts(x[order].reshape(batch * seq, hidden), counts * seq)
-        routed = routed.view(batch, seq, hidden)[inverse]
-        routed = routed * self._gate_scale(route).to(routed.dtype).view(batch, 1, 1)
+        routed = self.experts(permute_rows(x, order, inverse).reshape(batch * seq, hidden), counts * seq)
+        routed = permute_rows(routed.view(batch, seq, hidden), inverse, order)
         self.last_expert_counts = counts.detach()
-        return self._combine(x, routed)
+        return self._combine(x, routed, self._routed_scale(route, routed.dtype))
 
 
 class ExpertGroupBlock(_SequenceRoutedBlock):
@@ -199,10 +211,10 @@ class ExpertGroupBlock(_SequenceRoutedBlock):
         modality = torch.where(image.to(x.device), self.IMAGE, self.TEXT)
         expert_of_token = (2 * route.expert.view(batch, 1) + modality).reshape(-1)
         order, inverse, counts = sort_rows_by_expert(expert_of_token, self.experts.num_experts)
-        routed = self.experts(x.reshape(-1, hidden)[order], counts)[inverse].view(batch, seq, hidden)
-        routed = routed * self._gate_scale(route).to(routed.dtype).view(batch, 1, 1)
+        routed = self.experts(permute_rows(x.reshape(-1, hidden), order, inverse), counts)
+        routed = permute_rows(routed, inverse, order).view(batch, seq, hidden)
         self.last_expert_counts = counts.detach()
-        return self._combine(x, routed)
+        return self._combine(x, routed, self._routed_scale(route, routed.dtype))
 
 
 class TopKMoEBlock(_SharedPlusRouted):
@@ -265,8 +277,13 @@ class TopKMoEBlock(_SharedPlusRouted):
             self.last_aux = {"load_balancing": balance.detach(), "z_loss": z.detach()}
             self.context.aux_losses.append(self.aux_loss_coef * balance + self.z_loss_coef * z)
         order, inverse, counts = sort_rows_by_expert(top_i.reshape(-1), self.experts.num_experts)
+        self.last_expert_counts = counts.detach()
+        if k == 1:
+            # One slot per token: the combine weight is folded into the combination's routed multiplier.
+            routed = self.experts(permute_rows(flat, order, inverse), counts)
+            routed = permute_rows(routed, inverse, order).view(batch, seq, hidden)
+            return self._combine(x, routed, weights.to(routed.dtype).view(batch, seq, 1))
         routed = self.experts(flat[order // k], counts)[inverse].view(-1, k, hidden)
         # Reshape-sum over the k slots instead of an index_add_ scatter.
         routed = (routed * weights.to(routed.dtype).unsqueeze(-1)).sum(dim=1).view(batch, seq, hidden)
-        self.last_expert_counts = counts.detach()
         return self._combine(x, routed)

@@ -161,7 +161,7 @@ class _SiluExpertLoop(torch.autograd.Function):
             rows = slice(start, start + n)
             gu = gate_up[rows]
             torch.mm(x[rows], gate_up_proj[expert].t(), out=gu)
-            torch.mul(F.silu(gu[:, :inter], out=act[rows]), gu[:, inter:], out=h[rows])
+            torch.mul(torch.ops.aten.silu.out(gu[:, :inter], out=act[rows]), gu[:, inter:], out=h[rows])
             torch.mm(h[rows], down_proj[expert].t(), out=out[rows])
             start += n
         if start != num_rows:
@@ -207,6 +207,29 @@ class _SiluExpertLoop(torch.autograd.Function):
             if grad_x is not None:
                 torch.mm(d_gu, gate_up_proj[expert], out=grad_x[rows])
         return grad_x, grad_gu_w, grad_down_w, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[order] along dim 0 for a permutation `order`: the backward is the gather by the inverse permutation,
+    not the zero-filled index_put with accumulation that advanced indexing's backward runs."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[order] where `order` is a permutation of x's rows and `inverse` its inverse (as `sort_rows_by_expert`
+    returns them)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.index_select(0, order)
+    return _PermuteRows.apply(x, order, inverse)
 
 
 def sort_rows_by_expert(expert_of_row: torch.Tensor, num_experts: int):
