@@ -101,6 +101,20 @@ class BackboneAdapter:
         """The model on the meta device from `backbone.arch` (or `backbone.path`'s config.json); no weights."""
         raise NotImplementedError
 
+    def model_class(self) -> type:
+        raise NotImplementedError
+
+    def from_local_weights(self, cfg: BackboneConfig) -> Tuple[nn.Module, Path]:
+        """The model class's weights from the local `backbone.path` (never the hub), in the configured dtype."""
+        path = local_weights_dir(cfg)
+        model = self.model_class().from_pretrained(
+            str(path),
+            dtype=torch_dtype(cfg),
+            attn_implementation=cfg.attn_implementation,
+            local_files_only=True,
+        )
+        return model, path
+
     # ---- structure ----------------------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The language model's decoder layers; each has `.mlp` with gate_proj / up_proj / down_proj."""

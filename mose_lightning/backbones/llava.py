@@ -14,10 +14,8 @@ from mose_lightning.backbones.base import (
     BackboneAdapter,
     BackboneError,
     instantiate_on_meta,
-    local_weights_dir,
     read_config_dict,
     submodule,
-    torch_dtype,
 )
 from mose_lightning.config import BackboneConfig
 
@@ -42,13 +40,7 @@ class LlavaAdapter(BackboneAdapter):
     def load(self, cfg: BackboneConfig) -> Tuple[nn.Module, Any]:
         from transformers import AutoProcessor
 
-        path = local_weights_dir(cfg)
-        model = self.model_class().from_pretrained(
-            str(path),
-            dtype=torch_dtype(cfg),
-            attn_implementation=cfg.attn_implementation,
-            local_files_only=True,
-        )
+        model, path = self.from_local_weights(cfg)
         try:
             processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as err:

@@ -10,10 +10,8 @@ from mose_lightning.backbones.base import (
     BackboneAdapter,
     BackboneError,
     instantiate_on_meta,
-    local_weights_dir,
     read_config_dict,
     submodule,
-    torch_dtype,
 )
 from mose_lightning.config import BackboneConfig
 
@@ -49,13 +47,7 @@ class Qwen2VLAdapter(BackboneAdapter):
         return Qwen2VLForConditionalGeneration
 
     def load(self, cfg: BackboneConfig) -> Tuple[nn.Module, Any]:
-        path = local_weights_dir(cfg)
-        model = self.model_class().from_pretrained(
-            str(path),
-            dtype=torch_dtype(cfg),
-            attn_implementation=cfg.attn_implementation,
-            local_files_only=True,
-        )
+        model, path = self.from_local_weights(cfg)
         processor = load_processor(path)
         self.check_pair(model, processor, f"backbone.path ({path})")
         return model.eval(), processor
