@@ -42,7 +42,10 @@ def ensure_synthetic_data(cfg: ExperimentConfig) -> None:
     for split in SPLITS:
         if not is_complete(rule / split):
             print(f"[toy] annotating skills of {split} with the rule-based annotator")
-            summary = annotate_shards(str(raw / split), rule / split, taxonomy, AnnotateConfig(annotator="rule"))
+            # At least 8 shards per split (up to 200 samples each): every DDP rank needs its own training shard.
+            size = {"train": s.num_train, "val": s.num_val, "test": s.num_test}[split]
+            summary = annotate_shards(str(raw / split), rule / split, taxonomy, AnnotateConfig(annotator="rule"),
+                                      maxcount=max(1, min(200, -(-size // 8))))
             agreement = {k: (round(v, 3) if v is not None else None) for k, v in summary["agreement_with_reference"].items()}
             print(f"[toy]   agreement with the generator's skills: {agreement}")
     cfg.data.train_shards = str(rule / "train")

@@ -97,14 +97,16 @@ class FineTuneModule(pl.LightningModule):
         if self.cfg.trainer.nonfinite == "stop":
             raise NonFiniteLoss(message + " (trainer.nonfinite=skip skips such batches instead)")
         self.print(f"skipping batch: {message}")
-        self.log("train/skipped_nonfinite", 1.0, on_step=True, reduce_fx="sum")
         # A zero loss that still touches every trainable parameter keeps DDP's gradient buckets in step.
         return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
-        out, loss = self._loss(batch)
-        loss = self._check_finite(loss, batch)
+        out, raw = self._loss(batch)
+        loss = self._check_finite(raw, batch)
         size = len(batch["meta"])
+        # Logged every step (0 or 1): a metric logged only on some steps is re-sent with its stale value on the
+        # following steps, which would show skipped batches where there were none.
+        self.log("train/skipped_nonfinite", float(loss is not raw), on_step=True, reduce_fx="sum", batch_size=1)
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=size)
         if out.aux_loss is not None:
             self.log("train/aux_loss", out.aux_loss.detach(), batch_size=size)

@@ -207,6 +207,8 @@ def run_router_pretrain(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
         raise ConfigError(f"router pretraining trains MoSE routers: expected moe.kind=mose, got {cfg.moe.kind!r}")
     run_dir = start_run(cfg, "pretrain_router")
     cfg.moe.router_checkpoint = None
+    # Seeded before the build: the routers' initial weights are drawn there.
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg, load_routers=False)
     datamodule = DriveDataModule(cfg.data, model.adapter, model.processor, model.taxonomy)
     train = cached_features(model, cfg, datamodule, "train")

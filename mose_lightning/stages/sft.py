@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+import lightning.pytorch as pl
+
 from mose_lightning.checkpoint import check_compatible, load_model, save_model
 from mose_lightning.config import ConfigError, ExperimentConfig
 from mose_lightning.data.datamodule import DriveDataModule
@@ -49,6 +51,7 @@ def run_sft(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
         raise ConfigError("moe.kind=expert_group starts from a MoSE SFT model: run `mose expert-group` instead")
     if cfg.moe.kind == "mose" and not cfg.moe.router_checkpoint and not cfg.moe.teacher_forcing:
         print("note: moe.router_checkpoint is not set: MoSE routers start untrained (run `mose pretrain-router` first)")
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # before the build: untrained routers
     return fine_tune(cfg, build_model(cfg), "sft")
 
 
@@ -59,6 +62,7 @@ def run_expert_group(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
     if not cfg.init_from:
         raise ConfigError("init_from: expected the MoSE SFT run (or its model/ directory) to start from")
     source = model_dir_of(cfg.init_from)
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     model = load_model(source)
     if model.cfg.moe.kind != "mose":
         raise ConfigError(f"init_from={cfg.init_from}: expected a MoSE model, got moe.kind={model.cfg.moe.kind!r}")

@@ -1,0 +1,463 @@
+"""The stages end to end on CPU with the toy backbone, through the real entry points.
+
+One small synthetic set, one toy backbone and one router cache are shared by the whole file (session-scoped,
+under a pytest tmp dir); the stages chain like a user's run: pretrain-router -> sft (finds the routers by the
+pipeline's run_dir convention) -> expert-group (starts from the SFT model) -> eval. Multi-process DDP and the
+resume-after-SIGKILL tests start real `mose` / `lightning run model` processes with a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+from mose_lightning import cli
+from mose_lightning.config import load_config
+
+PROJECT = Path(__file__).resolve().parent.parent
+TOY = PROJECT / "configs" / "experiment" / "toy_mose.yaml"
+TOY_EG = PROJECT / "configs" / "experiment" / "toy_mose_expert_group.yaml"
+BIN = Path(sys.executable).parent
+MOSE = str(BIN / "mose")
+LIGHTNING = str(BIN / "lightning")
+SIZES = {"train": 96, "val": 24, "test": 24}
+SUBPROCESS_TIMEOUT = 300
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+def base_overrides(root: Path) -> List[str]:
+    """Small and fast: the shared synthetic set, toy backbone and router cache; no instruct-tuned init."""
+    return [
+        f"data.synthetic.out_dir={root / 'syn'}",
+        f"data.synthetic.num_train={SIZES['train']}",
+        f"data.synthetic.num_val={SIZES['val']}",
+        f"data.synthetic.num_test={SIZES['test']}",
+        f"backbone.toy_dir={root / 'toy'}",
+        "backbone.init_checkpoint=null",
+        f"router_pretrain.cache_dir={root / 'cache'}",
+        "router_pretrain.epochs=5",
+        "trainer.log_every_n_steps=1",
+        "trainer.limit_val_batches=1",
+        "data.num_workers=0",
+    ]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("RANK", None)
+    env.pop("LOCAL_RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_cmd(args: List[str], timeout: int = SUBPROCESS_TIMEOUT) -> str:
+    """Run a command to completion (own process group, killed on timeout); returns stdout+stderr."""
+    proc = subprocess.Popen(args, cwd=PROJECT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(args)}\n{out[-6000:]}")
+    assert proc.returncode == 0, f"rc={proc.returncode}: {' '.join(args)}\n{out[-6000:]}"
+    return out
+
+
+def run_in_process(stage: str, config: Path, overrides: List[str]) -> None:
+    cli.main([stage, "--config", str(config), *overrides])
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def tb_scalars(run_dir: Path, tag: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def shard_keys(split_dir: Path) -> List[str]:
+    keys = set()
+    for shard in sorted(split_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            keys |= {name.split(".", 1)[0] for name in tar.getnames()}
+    return sorted(keys)
+
+
+def level_names() -> List[str]:
+    from mose_lightning.skills import load_taxonomy
+
+    return list(load_taxonomy(load_config(TOY).skills.taxonomy).level_names)
+
+
+# ---- shared session state ------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def root(tmp_path_factory) -> Path:
+    # MOSE_TEST_STAGES_DIR=DIR keeps the shared data, toy backbone and router cache between sessions (for
+    # iterating on one test); run directories are made fresh per session inside it.
+    keep = os.environ.get("MOSE_TEST_STAGES_DIR")
+    if keep:
+        import shutil
+
+        path = Path(keep)
+        for child in path.glob("*"):
+            if child.name not in ("syn", "toy", "cache"):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("stages")
+
+
+@pytest.fixture(scope="session")
+def routers(root):
+    """`mose pretrain-router` in process: creates the synthetic data, the toy backbone and the router cache."""
+    run_dir = root / "pretrain_router"
+    run_in_process("pretrain-router", TOY, base_overrides(root) + [f"run_dir={run_dir}"])
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def sft_run(root, routers):
+    """`mose sft` as a user types it; run_dir's sibling pretrain_router/ holds the routers the pipeline reuses."""
+    run_dir = root / "sft"
+    out = run_cmd([MOSE, "sft", "--config", str(TOY), *base_overrides(root), f"run_dir={run_dir}",
+                   "trainer.max_steps=24", "trainer.val_every_n_steps=24", "optim.lr=3e-3"])
+    return run_dir, out
+
+
+@pytest.fixture(scope="session")
+def eg_run(root, sft_run):
+    run_dir = root / "expert_group"
+    out = run_cmd([MOSE, "expert-group", "--config", str(TOY_EG), *base_overrides(root), f"run_dir={run_dir}",
+                   f"init_from={sft_run[0]}", "trainer.max_steps=4", "trainer.val_every_n_steps=4"])
+    return run_dir, out
+
+
+# ---- 1. each stage through the real entry point ----------------------------------------------------------
+def test_pretrain_router_outputs(routers):
+    metrics = read_json(routers / "metrics.json")
+    levels = level_names()
+    for level in levels:
+        acc = metrics[f"router/acc/{level}"]
+        assert 0.0 <= acc <= 1.0, (level, acc)
+    assert metrics["router/acc/mean"] == pytest.approx(sum(metrics[f"router/acc/{l}"] for l in levels) / len(levels))
+    assert metrics["backbone_forwards"] == SIZES["train"] + SIZES["val"]
+    state = torch.load(routers / "routers.pt", weights_only=True)
+    assert state and all(k.startswith("layer") for k in state)
+    confusion = read_json(routers / "confusion.json")
+    assert set(confusion) == set(levels)
+    for level in levels:
+        matrix = confusion[level]["matrix"]
+        assert len(matrix) == len(confusion[level]["skills"]) and all(len(r) == len(matrix) for r in matrix)
+        assert sum(map(sum, matrix)) > 0
+    assert (routers / "confusion.md").is_file()
+    assert list((routers / "tb").glob("events.out.tfevents.*"))
+
+
+def test_pretrain_router_reuses_cache(root, routers, capsys):
+    run_dir = root / "pretrain_router_again"
+    run_in_process("pretrain-router", TOY, base_overrides(root) + [f"run_dir={run_dir}"])
+    out = capsys.readouterr().out
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["backbone_forwards"] == 0
+    assert out.count("cache hit") == 2
+    assert out.strip().splitlines()[-1] == f"run dir: {run_dir}"
+    # Same cached inputs, same seed -> the same held-out accuracy.
+    first = read_json(routers / "metrics.json")
+    assert metrics["router/acc/mean"] == pytest.approx(first["router/acc/mean"])
+
+
+def test_sft_outputs(sft_run, routers):
+    run_dir, out = sft_run
+    assert out.strip().splitlines()[-1] == f"run dir: {run_dir}"
+    assert "pretraining the routers first" not in out  # the routers of pretrain_router/ were reused
+    saved = load_config(run_dir / "config.yaml")
+    assert Path(saved.moe.router_checkpoint) == routers / "routers.pt"
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["steps"] == 24
+    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
+    assert (run_dir / "model" / "weights.safetensors").is_file()
+    assert (run_dir / "model" / "config.yaml").is_file()
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_sft_starts_from_pretrained_routers(sft_run, routers):
+    """The SFT run's saved config points at routers.pt, and building from it puts those weights in the routers."""
+    from mose_lightning.model import build_model
+    from mose_lightning.surgery import skill_routers
+
+    run_dir, _ = sft_run
+    cfg = load_config(run_dir / "config.yaml")
+    model = build_model(cfg)
+    state = torch.load(routers / "routers.pt", weights_only=True)
+    for idx, router in skill_routers(model.layout).items():
+        for name, value in router.state_dict().items():
+            torch.testing.assert_close(value.float(), state[f"layer{idx}.{name}"].float())
+
+
+def test_sft_loss_falls(sft_run):
+    run_dir, _ = sft_run
+    losses = [v for _, v in tb_scalars(run_dir, "train/loss")]
+    assert len(losses) == 24, losses
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    # Measured: about 6.6 -> 6.0 over 24 steps from a random toy backbone (only the experts train).
+    assert last < first - 0.25, (first, last, losses)
+
+
+def test_expert_group_starts_from_sft_and_trains(eg_run, sft_run):
+    run_dir, out = eg_run
+    assert out.strip().splitlines()[-1] == f"run dir: {run_dir}"
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.moe.kind == "expert_group"
+    assert Path(saved.init_from) == sft_run[0]
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["steps"] == 4 and math.isfinite(metrics["train/loss"])
+    meta = read_json(run_dir / "model" / "meta.json") if (run_dir / "model" / "meta.json").is_file() else None
+    if meta is not None:
+        assert meta.get("kind") == "expert_group"
+    # It trained from the SFT model, not from scratch: the first loss is about where SFT ended.
+    sft_losses = [v for _, v in tb_scalars(sft_run[0], "train/loss")]
+    eg_losses = [v for _, v in tb_scalars(run_dir, "train/loss")]
+    assert len(eg_losses) == 4
+    assert eg_losses[0] < sft_losses[0]
+
+
+def test_eval_outputs(root, sft_run):
+    run_dir = root / "eval"
+    out = run_cmd([MOSE, "eval", "--config", str(TOY), *base_overrides(root), f"run_dir={run_dir}",
+                   f"checkpoint={sft_run[0]}", "eval.limit=0", "eval.max_new_tokens=6", "eval.html_samples=5"])
+    assert out.strip().splitlines()[-1] == f"run dir: {run_dir}"
+    records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines() if line]
+    expected = shard_keys(root / "syn" / "rule" / "test")
+    assert len(expected) == SIZES["test"]
+    assert sorted(r["key"] for r in records) == expected  # every test sample exactly once
+    layers = {len(r["skill_chain"]) for r in records}
+    assert len(layers) == 1 and layers.pop() == 4, "one skill per MoE layer (the toy's 4 decoder layers)"
+    levels = set(level_names())
+    for r in records:
+        assert isinstance(r["prediction"], str)
+        for step in r["skill_chain"]:
+            assert step["level"] in levels and isinstance(step["skill"], str) and 0.0 <= step["prob"] <= 1.0
+    scores = read_json(run_dir / "scores.json")
+    assert scores
+    assert (run_dir / "results.md").is_file() and (run_dir / "report.html").is_file()
+    pngs = sorted(p.name for p in run_dir.glob("*.png"))
+    assert {"skill_chains.png", "expert_usage.png", "expert_similarity.png"} <= set(pngs), pngs
+    for png in pngs:
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- 2. DDP on CPU -------------------------------------------------------------------------------------
+DDP_TIMEOUT = 300
+
+
+@pytest.mark.slow
+def test_ddp_lightning_run_model(root, routers):
+    run_dir = root / "ddp_run"
+    out = run_cmd([LIGHTNING, "run", "model", "mose_lightning/run.py", "--accelerator", "cpu", "--devices", "2",
+                   "--strategy", "ddp", "stage=sft", f"config={TOY}", *base_overrides(root),
+                   f"moe.router_checkpoint={routers / 'routers.pt'}", "trainer.max_steps=6",
+                   "trainer.val_every_n_steps=6", "data.batch_size=2", f"run_dir={run_dir}"], timeout=DDP_TIMEOUT)
+    assert out.count("run dir: ") == 1, out[-4000:]
+    assert f"run dir: {run_dir}" in out
+    assert read_json(run_dir / "metrics.json")["steps"] == 6
+    assert (run_dir / "model" / "weights.safetensors").is_file()
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.trainer.strategy == "ddp" and str(saved.trainer.devices) == "2"
+
+
+@pytest.mark.slow
+def test_ddp_mose_devices_2(root, routers):
+    run_dir = root / "ddp_mose"
+    out = run_cmd([MOSE, "sft", "--config", str(TOY), *base_overrides(root), "trainer.devices=2",
+                   "trainer.strategy=ddp", f"moe.router_checkpoint={routers / 'routers.pt'}", "trainer.max_steps=4",
+                   "trainer.val_every_n_steps=4", "data.batch_size=2", f"run_dir={run_dir}"], timeout=DDP_TIMEOUT)
+    assert out.count("run dir: ") == 1, out[-4000:]
+    assert read_json(run_dir / "metrics.json")["steps"] == 4
+    assert (run_dir / "model" / "weights.safetensors").is_file()
+
+
+# ---- 3. resume after SIGKILL -----------------------------------------------------------------------------
+def _ckpt_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(root, routers):
+    run_dir = root / "resume"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    max_steps = 20
+    args = [MOSE, "sft", "--config", str(TOY), *base_overrides(root), f"run_dir={run_dir}",
+            f"moe.router_checkpoint={routers / 'routers.pt'}", f"trainer.max_steps={max_steps}",
+            "trainer.checkpoint_every_n_steps=2", f"trainer.val_every_n_steps={max_steps}", "data.batch_size=2"]
+    log = open(root / "resume_first.log", "w")
+    proc = subprocess.Popen(args, cwd=PROJECT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    killed_at = None
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            if last.is_file():
+                try:
+                    step = _ckpt_step(last)
+                except Exception:  # noqa: BLE001 - replaced between our stat and read
+                    step = 0
+                if step > 2:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    killed_at = step
+                    break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert killed_at is not None, "the first run ended before it could be killed:\n" + (root / "resume_first.log").read_text()[-4000:]
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "metrics.json").exists()
+    step_on_disk = _ckpt_step(last)  # the good checkpoint is readable after the kill
+    assert killed_at <= step_on_disk < max_steps
+
+    out = run_cmd(args)
+    assert f"Restoring states from the checkpoint path at {last}" in out, out[-4000:]
+    assert read_json(run_dir / "metrics.json")["steps"] == max_steps
+    assert _ckpt_step(last) == max_steps
+    leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers
+    # The global step logged to TensorBoard goes on from the checkpoint instead of starting again at 0.
+    steps = [s for s, _ in tb_scalars(run_dir, "train/loss")]
+    assert max(steps) >= max_steps - 2
+
+
+def test_atomic_checkpoint_keeps_previous_on_failure(tmp_path, monkeypatch):
+    from mose_lightning.training import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 4}, target)
+
+    def broken(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"global_step": 6}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=False)["global_step"] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+# ---- 4. non-finite loss ----------------------------------------------------------------------------------
+def _poison_step(monkeypatch, step: int, seen: list):
+    from mose_lightning.stages.common import FineTuneModule
+
+    original = FineTuneModule._loss
+
+    def poisoned(self, batch):
+        out, loss = original(self, batch)
+        if self.global_step == step:
+            seen.append([m["key"] for m in batch["meta"]])
+            loss = loss * float("nan")
+        return out, loss
+
+    monkeypatch.setattr(FineTuneModule, "_loss", poisoned)
+
+
+def test_nonfinite_stop_names_step_and_batch(root, routers, monkeypatch):
+    from mose_lightning.stages.common import NonFiniteLoss
+
+    seen: list = []
+    _poison_step(monkeypatch, 1, seen)
+    with pytest.raises(NonFiniteLoss) as err:
+        run_in_process("sft", TOY, base_overrides(root) + [
+            f"run_dir={root / 'nonfinite_stop'}", f"moe.router_checkpoint={routers / 'routers.pt'}",
+            "trainer.max_steps=3", "trainer.val_every_n_steps=3", "trainer.nonfinite=stop"])
+    message = str(err.value)
+    assert "at step 1" in message
+    assert seen and all(key in message for key in seen[0])
+
+
+def test_nonfinite_skip_continues(root, routers, monkeypatch, capsys):
+    seen: list = []
+    _poison_step(monkeypatch, 1, seen)
+    run_dir = root / "nonfinite_skip"
+    run_in_process("sft", TOY, base_overrides(root) + [
+        f"run_dir={run_dir}", f"moe.router_checkpoint={routers / 'routers.pt'}",
+        "trainer.max_steps=3", "trainer.val_every_n_steps=3", "trainer.nonfinite=skip"])
+    out = capsys.readouterr().out
+    assert "skipping batch: non-finite loss" in out and "at step 1" in out
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["steps"] == 3 and math.isfinite(metrics["train/loss"])
+    skipped = tb_scalars(run_dir, "train/skipped_nonfinite")
+    assert skipped == [(0, 0.0), (1, 1.0), (2, 0.0)]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run_dir / "model" / "weights.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+# ---- 5. FSDP strategy (CUDA-only in Lightning: construction checked on CPU) -------------------------------
+def test_fsdp_strategy_wraps_layers_not_experts(root, routers):
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from mose_lightning import training
+    from mose_lightning.model import build_model
+
+    cfg = load_config(TOY, base_overrides(root) + ["trainer.strategy=fsdp", "backbone.init_checkpoint=null",
+                                                    f"moe.router_checkpoint={routers / 'routers.pt'}"])
+    model = build_model(cfg)
+    strategy = training._strategy(cfg, model)
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy)
+    classes = set(policy._module_classes)
+    assert {c.__name__ for c in classes} == {"Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"}
+    assert strategy.kwargs["use_orig_params"] is True
+    assert strategy._state_dict_type == "full"
+    assert strategy._activation_checkpointing_kwargs == {}
+
+    # What FSDP would wrap: every decoder layer and vision block of the backbone, and nothing inside an MoE block.
+    targets = policy._run_policy(model.backbone, set(), {})
+    decoder = model.adapter.decoder_layers(model.backbone)
+    vision = model.adapter.vision_layers(model.backbone)
+    assert set(map(id, targets)) == set(map(id, list(decoder) + list(vision)))
+    experts = {id(m) for block in model.layout.blocks for m in block.modules()}
+    assert experts and not experts & set(map(id, targets))
+    assert not any(policy(module=m, recurse=False, nonwrapped_numel=0)
+                   for block in model.layout.blocks for m in block.modules())
+
+    cfg.trainer.activation_checkpointing = True
+    strategy = training._strategy(cfg, model)
+    assert set(strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes) == classes
+
+
+# ---- 6. router accuracy with the default toy config ------------------------------------------------------
+@pytest.mark.slow
+def test_router_pretrain_default_toy_accuracy(tmp_path):
+    """Default sizes: the instruction-tuned toy backbone, 1200/150/150 synthetic samples, default epochs/lr."""
+    run_dir = tmp_path / "run"
+    run_cmd([MOSE, "pretrain-router", "--config", str(TOY), f"data.synthetic.out_dir={tmp_path / 'syn'}",
+             f"backbone.toy_dir={tmp_path / 'toy'}", f"backbone.init_checkpoint={tmp_path / 'instruct' / 'model'}",
+             f"router_pretrain.cache_dir={tmp_path / 'cache'}", f"run_dir={run_dir}"], timeout=900)
+    metrics = read_json(run_dir / "metrics.json")
+    accs = {level: metrics[f"router/acc/{level}"] for level in level_names()}
+    assert all(acc >= 0.9 for acc in accs.values()), accs
