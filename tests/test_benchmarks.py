@@ -121,3 +121,76 @@ def test_run_all_writes_results(tmp_path, monkeypatch, capsys):
     result = json.loads((tmp_path / "moe_layer.json").read_text())
     assert set(result["results"]["tiny"]) == set(moe_layer.VARIANTS)
     assert "moe_layer" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model-level benchmarks (toy backbone, synthetic data in a temporary folder): one --tiny run each.
+
+
+def _tiny_json(module, capsys, *extra):
+    assert module.main(["--tiny", "--json", "--threads", "1", *extra]) == 0
+    result = json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object
+    assert result["benchmark"] == module.NAME
+    for key in ("cpu_model", "torch_threads", "torch_version", "device"):
+        assert key in result["machine"]
+    return result
+
+
+def test_router_pretrain_benchmark_counts_forwards_with_a_hook(capsys):
+    from benchmarks import router_pretrain
+
+    result = _tiny_json(router_pretrain, capsys)
+    cfg, res = result["config"], result["results"]
+    n, epochs = cfg["train_samples"], cfg["epochs"]
+    assert set(res) == {"cached", "uncached"} and epochs > 1
+    # The cache runs the backbone once per sample; without it, once per sample per epoch (hook-counted).
+    assert res["cached"]["backbone_forward_samples"] == n == res["cached"]["code_reported_forwards"]
+    assert res["uncached"]["backbone_forward_samples"] == n * epochs
+    assert result["cache_hit"]["forward_samples"] == 0 and result["cache_hit"]["same_features"]
+    for r in res.values():
+        assert r["median_s"] > 0 and 0.0 <= r["accuracy"]["mean"] <= 1.0
+    assert res["uncached"]["ratio_vs_uncached"] == 1.0
+    assert all(result["checks"].values()), result["checks"]
+
+
+def test_generate_benchmark_makes_the_same_tokens(capsys):
+    from benchmarks import generate
+
+    result = _tiny_json(generate, capsys)
+    res, cfg = result["results"], result["config"]
+    assert set(res) == set(generate.VARIANTS)
+    expected = cfg["batches"] * cfg["batch_size"] * cfg["max_new_tokens"]
+    for r in res.values():
+        assert r["new_tokens"] == expected and r["tokens_per_s"] > 0 and r["ratio_vs_dense"] > 0
+    assert res["dense"]["ratio_vs_dense"] == 1.0
+    # Routing decided on the prompt and reused (KV cache) == re-routing every step; MoSE == dense at init.
+    assert result["token_agreement"]["mose_vs_mose_reroute"] == 1.0
+    assert result["token_agreement"]["mose_vs_dense"] == 1.0
+    assert result["goal"]["mose_ratio_vs_dense_max"] == generate.GOAL_RATIO and result["checks"]["routing_reuse_matches_reroute"]
+
+
+def test_datamodule_benchmark_reports_samples_per_second(capsys):
+    from benchmarks import datamodule
+
+    result = _tiny_json(datamodule, capsys)
+    assert result["config"]["image_size"] == [800, 450]
+    (r,) = result["results"].values()
+    assert r["num_workers"] == 0 and r["samples"] == result["config"]["samples"] and r["samples_per_s"] > 0
+    per = result["per_sample"]
+    # The toy processor caps an image at 40 merged 28x28 cells: 800x450 -> 32 image tokens.
+    assert per["image_tokens"] == 32 and per["sequence_length"] > per["image_tokens"]
+
+
+def test_memory_benchmark_runs_each_variant_in_its_own_process(capsys):
+    from benchmarks import memory
+
+    result = _tiny_json(memory, capsys)
+    res, children = result["results"], result["children"]
+    assert set(res) == {"dense", "mose"}
+    assert children["dense"]["batch"] == children["mose"]["batch"]
+    # Same frozen parts; MoSE trains 4 experts + shared expert per layer where dense trains one FFN.
+    assert children["dense"]["frozen_outside_moe_bytes"] == children["mose"]["frozen_outside_moe_bytes"]
+    assert children["mose"]["trainable_params"] > 4 * children["dense"]["trainable_params"]
+    for r in res.values():
+        assert r["rss_before_mib"] > 0 and r["step1_peak_rss_delta_mib"] >= 0 and len(r["losses"]) == 2
+    assert all(result["checks"].values()), result["checks"]
