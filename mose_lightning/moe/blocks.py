@@ -178,13 +178,27 @@ class MoSEBlock(_SequenceRoutedBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
         route = self._current_route(x)
-        num_experts = self.experts.num_experts
+        order, inverse, counts, sizes, is_sorted = self._dispatch_plan(route)
         # Whole sequences go to one expert: sort the batch by expert, then each expert's rows are contiguous.
-        order, inverse, counts = sort_rows_by_expert(route.expert, num_experts)
-        routed = self.experts(permute_rows(x, order, inverse).reshape(batch * seq, hidden), counts * seq)
-        routed = permute_rows(routed.view(batch, seq, hidden), inverse, order)
+        rows = x if is_sorted else permute_rows(x, order, inverse)
+        routed = self.experts(rows.reshape(batch * seq, hidden), counts * seq, [n * seq for n in sizes])
+        routed = routed.view(batch, seq, hidden)
+        if not is_sorted:
+            routed = permute_rows(routed, inverse, order)
         self.last_expert_counts = counts.detach()
         return self._combine(x, routed, self._routed_scale(route, routed.dtype))
+
+
+    def _dispatch_plan(self, route: RouteDecision):
+        """Sort order of the batch by expert, computed once per routing decision: cached decode steps reuse the
+        prompt's route, so they reuse its plan too (no argsort, bincount or host sync per generated token)."""
+        cached = getattr(self, "_plan", None)
+        if cached is not None and cached[0] is route:
+            return cached[1:]
+        order, inverse, counts = sort_rows_by_expert(route.expert, self.experts.num_experts)
+        is_sorted = bool(torch.equal(order, torch.arange(order.numel(), device=order.device)))
+        self._plan = (route, order, inverse, counts, counts.tolist(), is_sorted)
+        return self._plan[1:]
 
 
 class ExpertGroupBlock(_SequenceRoutedBlock):

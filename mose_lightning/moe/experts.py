@@ -16,7 +16,7 @@ sees "unused parameters" when an expert gets no rows on some rank.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,18 +98,19 @@ class StackedSwiGLUExperts(nn.Module):
             f"act={self.activation}, dispatch={self.dispatch}"
         )
 
-    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, sizes: Optional[List[int]] = None) -> torch.Tensor:
         """Rows of `x_sorted` (N, H) are grouped by expert: the first counts[0] go to expert 0, and so on.
 
-        `counts` is an (E,) integer tensor summing to N. Returns (N, H) in the same row order.
+        `counts` is an (E,) integer tensor summing to N; `sizes`, the same as a Python list when the caller already
+        has it (it saves the loop kernel a device-to-host copy). Returns (N, H) in the same row order.
         """
         if _use_grouped_mm(x_sorted, self.dispatch):
             return self._forward_grouped(x_sorted, counts)
-        return self._forward_loop(x_sorted, counts)
+        return self._forward_loop(x_sorted, counts, sizes)
 
-    def _forward_loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # One host sync for the split sizes, then plain matmuls; empty experts are skipped entirely.
-        sizes = counts.tolist()
+    def _forward_loop(self, x_sorted: torch.Tensor, counts: torch.Tensor, sizes: Optional[List[int]] = None) -> torch.Tensor:
+        # One host sync for the split sizes (unless given), then plain matmuls; empty experts are skipped.
+        sizes = counts.tolist() if sizes is None else sizes
         if self.activation == "silu":
             # Fused loop with a hand-written backward: outputs and gradients are written straight into their rows
             # of preallocated buffers (no torch.cat, no chunk-backward cat) and each expert's weight gradient into
