@@ -12,8 +12,13 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
 from typing import List, Optional
 
 from mose_lightning.config import ConfigError, load_config
@@ -26,29 +31,56 @@ def _overrides(values: List[str]) -> List[str]:
     return [("init_from=" + v.split("=", 1)[1]) if v.startswith("checkpoint=") else v for v in values]
 
 
+def _quiet_known_warnings() -> None:
+    """Lightning and transformers notices that say nothing about the user's run."""
+    for pattern in (".*LeafSpec.*", ".*IterableDataset.*has `__len__` defined.*", ".*module\\(s\\) in eval mode.*",
+                    ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    os.environ.setdefault("LITLOGGER_DISABLE_TIP", "1")
+
+
+@contextmanager
+def _one_rank_at_a_time(cfg):
+    """Serialise the toy pipeline's preparation across the processes a launcher started, so that two ranks never
+    generate the same data or train the same routers at once: the first does the work, the others find it done."""
+    lock_dir = Path(cfg.data.synthetic.out_dir).parent
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / ".prepare.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_stage_command(stage: str, config: str, overrides: List[str]):
     from mose_lightning import pipeline
 
+    _quiet_known_warnings()
     cfg = load_config(config, _overrides(overrides))
     if stage == "pretrain-router":
         from mose_lightning.stages.router_pretrain import run_router_pretrain
 
-        pipeline.prepare(cfg, "pretrain_router")
+        with _one_rank_at_a_time(cfg):
+            pipeline.prepare(cfg, "pretrain_router")
         run_dir, metrics = run_router_pretrain(cfg)
     elif stage == "sft":
         from mose_lightning.stages.sft import run_sft
 
-        pipeline.prepare(cfg, "sft")
+        with _one_rank_at_a_time(cfg):
+            pipeline.prepare(cfg, "sft")
         run_dir, metrics = run_sft(cfg)
     elif stage == "expert-group":
         from mose_lightning.stages.sft import run_expert_group
 
-        pipeline.prepare(cfg, "expert_group")
+        with _one_rank_at_a_time(cfg):
+            pipeline.prepare(cfg, "expert_group")
         run_dir, metrics = run_expert_group(cfg)
     elif stage == "eval":
         from mose_lightning.stages.evaluate import run_eval
 
-        pipeline.prepare(cfg, "eval")
+        with _one_rank_at_a_time(cfg):
+            pipeline.prepare(cfg, "eval")
         run_dir, metrics = run_eval(cfg)
     else:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")

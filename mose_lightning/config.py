@@ -227,6 +227,8 @@ class TrainerConfig:
     # stop | skip: what a non-finite loss does.
     nonfinite: str = "stop"
     seed: int = 0
+    # torch intra-op threads per process; 0 keeps torch's default. Tiny models (the toy) run faster on one thread.
+    num_threads: int = 0
 
     def __post_init__(self) -> None:
         _choice("trainer", "strategy", self.strategy, ["auto", "ddp", "ddp_spawn", "fsdp", "single_device"])

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mose_lightning.config import ExperimentConfig, save_config
@@ -89,7 +89,9 @@ def make_trainer(cfg: ExperimentConfig, run_dir: Path, model=None, callbacks: Op
         save_last=True,
         save_top_k=0,
     )
-    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")] + list(callbacks or [])
+    # A plain tqdm bar: readable in a terminal and in a log file alike (the rich bar shows nothing in a pipe).
+    progress = TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps))
+    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), progress] + list(callbacks or [])
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=_devices(t.devices),
@@ -118,7 +120,13 @@ def resume_path(run_dir: Path) -> Optional[str]:
     return str(last) if last.is_file() else None
 
 
+def apply_threads(cfg: ExperimentConfig) -> None:
+    if cfg.trainer.num_threads > 0:
+        torch.set_num_threads(cfg.trainer.num_threads)
+
+
 def start_run(cfg: ExperimentConfig, stage: str) -> Path:
+    apply_threads(cfg)
     run_dir = run_dir_for(cfg, stage)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_global_zero():

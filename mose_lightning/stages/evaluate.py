@@ -26,7 +26,7 @@ from mose_lightning.evaluation.report import write_results
 from mose_lightning.io import atomic_write_json, atomic_write_text
 from mose_lightning.params import parameter_report
 from mose_lightning.stages.sft import model_dir_of
-from mose_lightning.training import is_global_zero, run_dir_for
+from mose_lightning.training import apply_threads, is_global_zero, run_dir_for
 
 
 def chain_records(model, index: int) -> List[Dict[str, Any]]:
@@ -166,6 +166,7 @@ def run_eval(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
             raise ConfigError("checkpoint: expected a trained run directory (or its model/) to evaluate")
         model = load_model(model_dir_of(cfg.init_from))
         model.cfg.eval = cfg.eval
+    apply_threads(cfg)
     run_dir = run_dir_for(cfg, "eval")
     parts_dir = run_dir / "parts"
     if is_global_zero():
