@@ -10,7 +10,7 @@ CONFIG      ?= configs/experiment/toy_mose.yaml
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test demo pretrain-router sft expert-group eval bench reproduce-toy clean
+.PHONY: install test test-quality demo pretrain-router sft expert-group eval bench reproduce-toy clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-quality: install
+	$(PY) -m pytest -q -m toy_quality $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/mose demo --config $(CONFIG) $(ARGS)

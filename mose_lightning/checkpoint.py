@@ -45,16 +45,18 @@ def _saved_state(model, full_state: Optional[Dict[str, torch.Tensor]] = None) ->
 
 
 def backbone_fingerprint(model) -> str:
-    """Cheap identity of the frozen backbone weights: a hash of a few statistics of every frozen tensor."""
+    """Identity of the frozen backbone weights: a hash of every frozen tensor's name, shape and 64 evenly spaced
+    elements. Exact element values, not sums: a reduction's rounding depends on the thread count, and the same
+    weights must give the same fingerprint in every process."""
     moe = {id(p) for block in model.layout.blocks for p in block.parameters()}
     digest = hashlib.sha256()
     for name, param in sorted(model.backbone.named_parameters(), key=lambda item: item[0]):
         if param.requires_grad or id(param) in moe or param.device.type == "meta":
             continue
-        flat = param.detach().float().flatten()
-        stats = torch.stack([flat.sum(), flat.abs().sum(), flat[:: max(1, flat.numel() // 64)].sum()])
-        digest.update(name.encode())
-        digest.update(stats.cpu().numpy().round(4).tobytes())
+        flat = param.detach().flatten()
+        picked = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(picked.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -451,7 +451,7 @@ def test_fsdp_strategy_wraps_layers_not_experts(root, routers):
 
 
 # ---- 6. router accuracy with the default toy config ------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.toy_quality
 def test_router_pretrain_default_toy_accuracy(tmp_path):
     """Default sizes: the instruction-tuned toy backbone, 1200/150/150 synthetic samples, default epochs/lr."""
     run_dir = tmp_path / "run"
