@@ -461,3 +461,41 @@ def test_router_pretrain_default_toy_accuracy(tmp_path):
     metrics = read_json(run_dir / "metrics.json")
     accs = {level: metrics[f"router/acc/{level}"] for level in level_names()}
     assert all(acc >= 0.9 for acc in accs.values()), accs
+
+
+# ---- mose predict and evaluation under DDP -----------------------------------------------------------------
+def test_predict_prints_answer_and_skill_chain(root, sft_run, tmp_path):
+    from data_recipes.synthetic import QUESTIONS
+    from mose_lightning.data.shards import iter_samples
+
+    sample = next(iter(iter_samples(str(root / "syn" / "rule" / "test"))))
+    image = tmp_path / "scene.jpg"
+    image.write_bytes(sample.images[0])
+    out = run_cmd([MOSE, "predict", "--checkpoint", str(sft_run[0]), "--image", str(image),
+                   "--question", QUESTIONS["suggestion"], "--max-new-tokens", "6"])
+    lines = out.splitlines()
+    assert any(line.startswith("answer: ") for line in lines)
+    chain = [line.split() for line in lines if line.startswith("  layer ")]
+    # One entry per MoSE layer of the toy (4), with the level of that layer and a skill of that level.
+    levels = level_names()
+    assert [c[2] for c in chain] == ["perception", "prediction", "planning", "planning"]
+    from mose_lightning.skills import load_taxonomy
+
+    taxonomy = load_taxonomy(load_config(TOY).skills.taxonomy)
+    assert all(c[3] in taxonomy.level(c[2]).skill_names for c in chain) and len(levels) == 3
+    proc = subprocess.run([MOSE, "predict", "--checkpoint", str(sft_run[0]), "--image", str(image),
+                           "--question", "Where?", "--box", "200,100,80,80"], cwd=PROJECT, env=_env(),
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 2 and "--box" in proc.stderr and "not inside" in proc.stderr
+
+
+@pytest.mark.slow
+def test_eval_ddp_generates_each_sample_once(root, sft_run):
+    run_dir = root / "eval_ddp"
+    out = run_cmd([MOSE, "eval", "--config", str(TOY), *base_overrides(root), f"run_dir={run_dir}",
+                   f"checkpoint={sft_run[0]}", "eval.limit=0", "eval.max_new_tokens=4", "trainer.devices=2",
+                   "trainer.strategy=ddp", "data.eval_batch_size=5"])
+    assert out.count("run dir:") == 1
+    keys = [json.loads(line)["key"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(keys) == shard_keys(root / "syn" / "rule" / "test")
+    assert len(keys) == len(set(keys)) == SIZES["test"]
