@@ -4,7 +4,7 @@
                                     [--config YAML] [--shards DIR] [--stream train|eval] [--split train|val|test]
 
 What is timed: one full pass of `DriveDataModule.train_dataloader()` (default; `--stream eval`: the validation
-loader `_loader(eval_stream(split, with_answer=True), batch, "right")`) end to end: WebDataset shard read, JPEG
+loader `loader(eval_stream(split, with_answer=True), batch, "right")`) end to end: WebDataset shard read, JPEG
 decode, resize to data.image_width x data.image_height, the backbone processor (chat template, tokenisation,
 image patches) and collation, exactly what a training step consumes, DataLoader worker start-up included (workers
 are not persistent in this DataModule). No model runs.
@@ -144,7 +144,7 @@ def run(args) -> dict:
             if args.stream == "train":
                 loader = dm.train_dataloader()
             else:
-                loader = dm._loader(dm.eval_stream(args.split, with_answer=True), cfg.data.batch_size, "right")
+                loader = dm.loader(dm.eval_stream(args.split, with_answer=True), cfg.data.batch_size, "right")
             n, image_tokens, lengths, text_tokens, nbytes, first = 0, [], [], [], 0, None
             start = time.perf_counter()
             for batch in loader:

@@ -153,7 +153,7 @@ def run(args) -> dict:
     # Held-out features (untimed, shared by both paths): accuracy is measured on exactly the same inputs.
     cfg.router_pretrain.cache_dir = str(temp_dir("router-cache-val"))
     val = cached_features(model, cfg, dm, "val")
-    n_train_samples = dm._split("train").total
+    n_train_samples = dm.split_info("train").total
     log(f"[{NAME}] {n_train_samples} train / {len(val.keys)} val samples, {epochs} epochs, batch {batch}, "
         f"{len(routers)} MoSE layers")
 
@@ -190,7 +190,7 @@ def run(args) -> dict:
         reset_routers()
         counter.reset()
         module = UncachedRouterModule(model, routers, level_of_layer, levels, num_skills, cfg)
-        loader = dm._loader(dm.eval_stream("train", with_answer=False), batch, "left")
+        loader = dm.loader(dm.eval_stream("train", with_answer=False), batch, "left")
         model.eval()
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         _trainer(epochs).fit(module, loader)

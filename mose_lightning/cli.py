@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib
 import json
 import os
 import sys
@@ -23,7 +24,15 @@ from typing import List, Optional
 
 from mose_lightning.config import ConfigError, load_config
 
-STAGES = ("pretrain-router", "sft", "expert-group", "eval")
+# command -> (what the toy pipeline prepares for it, module, function); modules load lazily, so `mose params` and
+# `mose data` start without importing Lightning.
+STAGE_RUNNERS = {
+    "pretrain-router": ("pretrain_router", "mose_lightning.stages.router_pretrain", "run_router_pretrain"),
+    "sft": ("sft", "mose_lightning.stages.sft", "run_sft"),
+    "expert-group": ("expert_group", "mose_lightning.stages.sft", "run_expert_group"),
+    "eval": ("eval", "mose_lightning.stages.evaluate", "run_eval"),
+}
+STAGES = tuple(STAGE_RUNNERS)
 
 
 def _overrides(values: List[str]) -> List[str]:
@@ -58,32 +67,13 @@ def run_stage_command(stage: str, config: str, overrides: List[str]):
 
     _quiet_known_warnings()
     cfg = load_config(config, _overrides(overrides))
-    if stage == "pretrain-router":
-        from mose_lightning.stages.router_pretrain import run_router_pretrain
-
-        with _one_rank_at_a_time(cfg):
-            pipeline.prepare(cfg, "pretrain_router")
-        run_dir, metrics = run_router_pretrain(cfg)
-    elif stage == "sft":
-        from mose_lightning.stages.sft import run_sft
-
-        with _one_rank_at_a_time(cfg):
-            pipeline.prepare(cfg, "sft")
-        run_dir, metrics = run_sft(cfg)
-    elif stage == "expert-group":
-        from mose_lightning.stages.sft import run_expert_group
-
-        with _one_rank_at_a_time(cfg):
-            pipeline.prepare(cfg, "expert_group")
-        run_dir, metrics = run_expert_group(cfg)
-    elif stage == "eval":
-        from mose_lightning.stages.evaluate import run_eval
-
-        with _one_rank_at_a_time(cfg):
-            pipeline.prepare(cfg, "eval")
-        run_dir, metrics = run_eval(cfg)
-    else:
+    if stage not in STAGE_RUNNERS:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    prepared_as, module_name, function = STAGE_RUNNERS[stage]
+    with _one_rank_at_a_time(cfg):
+        pipeline.prepare(cfg, prepared_as)
+    run = getattr(importlib.import_module(module_name), function)
+    run_dir, metrics = run(cfg)
     from mose_lightning.training import is_global_zero
 
     if is_global_zero():
@@ -116,8 +106,6 @@ def _cmd_data(args, rest: List[str]) -> None:
     modules = {"coda-lm": "data_recipes.coda_lm", "drivelm": "data_recipes.drivelm", "synthetic": "data_recipes.synthetic"}
     if not rest or rest[0] not in modules:
         raise ConfigError(f"mose data: expected one of {sorted(modules)}, got {rest[:1]}")
-    import importlib
-
     importlib.import_module(modules[rest[0]]).main(rest[1:])
 
 

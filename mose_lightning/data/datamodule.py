@@ -246,7 +246,8 @@ class DriveDataModule(pl.LightningDataModule):
         self.splits: Dict[str, SplitInfo] = {}
         self.tokenizer = getattr(processor, "tokenizer", processor)
 
-    def _split(self, name: str) -> Optional[SplitInfo]:
+    def split_info(self, name: str) -> Optional[SplitInfo]:
+        """Shards and sample count of `train`, `val` or `test` (None when its shard setting is empty)."""
         if name in self.splits:
             return self.splits[name]
         spec = getattr(self.cfg, f"{name}_shards")
@@ -269,12 +270,13 @@ class DriveDataModule(pl.LightningDataModule):
         return SampleEncoder(self.adapter, self.processor, self.taxonomy, settings)
 
     def samples_per_rank(self, world: int) -> int:
-        info = self._split("train")
+        info = self.split_info("train")
         if self.cfg.samples_per_epoch > 0:
             return self.cfg.samples_per_epoch
         return max(1, info.total // world)
 
-    def _loader(self, stream: ShardStream, batch_size: int, padding_side: str) -> DataLoader:
+    def loader(self, stream: ShardStream, batch_size: int, padding_side: str) -> DataLoader:
+        """A DataLoader over a stream with this DataModule's workers and collation."""
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         return DataLoader(
             stream,
@@ -285,7 +287,7 @@ class DriveDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        info = self._split("train")
+        info = self.split_info("train")
         if info is None:
             raise ConfigError("data.train_shards is empty; expected the training shards")
         rank, world = _dist_rank_world()
@@ -293,10 +295,10 @@ class DriveDataModule(pl.LightningDataModule):
                              self.cfg.shuffle_buffer, self.samples_per_rank(world), limit=self.cfg.train_limit)
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         stream.set_epoch(epoch)
-        return self._loader(stream, self.cfg.batch_size, "right")
+        return self.loader(stream, self.cfg.batch_size, "right")
 
     def eval_stream(self, split: str, with_answer: bool) -> ShardStream:
-        info = self._split(split)
+        info = self.split_info(split)
         if info is None:
             raise ConfigError(f"data.{split}_shards is empty; expected the {split} shards")
         rank, world = _dist_rank_world()
@@ -305,11 +307,11 @@ class DriveDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if not self.cfg.val_shards:
             return []
-        return self._loader(self.eval_stream("val", True), self.cfg.eval_batch_size, "right")
+        return self.loader(self.eval_stream("val", True), self.cfg.eval_batch_size, "right")
 
     def generation_dataloader(self, split: str) -> DataLoader:
         """Prompt-only, left-padded batches for generation; every sample exactly once across ranks."""
-        return self._loader(self.eval_stream(split, False), self.cfg.eval_batch_size, "left")
+        return self.loader(self.eval_stream(split, False), self.cfg.eval_batch_size, "left")
 
 
 class _Collate:

@@ -54,7 +54,7 @@ def _cache_key(model: MoEVisionLanguageModel, cfg: ExperimentConfig, shards: Lis
         "shards": files,
         "split": split,
         "encode": [cfg.data.image_width, cfg.data.image_height, cfg.data.max_length, cfg.data.overlong,
-                   cfg.data.system_prompt],
+                   cfg.data.system_prompt, cfg.data.blank_images],
         "taxonomy": Path(taxonomy_file).read_text() if Path(taxonomy_file).is_file() else cfg.skills.taxonomy,
         "max_samples": cfg.router_pretrain.max_samples,
     }
@@ -94,7 +94,7 @@ def extract_pooled_features(model: MoEVisionLanguageModel, loader, max_samples: 
 
 
 def cached_features(model, cfg: ExperimentConfig, datamodule: DriveDataModule, split: str) -> PooledFeatures:
-    info = datamodule._split(split)
+    info = datamodule.split_info(split)
     if info is None:
         raise ConfigError(f"data.{split}_shards is empty")
     path = resolve_path(cfg.router_pretrain.cache_dir) / f"{split}-{_cache_key(model, cfg, info.shards, split)}.pt"
@@ -102,7 +102,7 @@ def cached_features(model, cfg: ExperimentConfig, datamodule: DriveDataModule, s
         data = torch.load(path, weights_only=True)
         print(f"router inputs: cache hit {path} ({len(data['keys'])} samples, no backbone forward)")
         return PooledFeatures(data["features"], data["labels"], list(data["keys"]), 0)
-    loader = datamodule._loader(datamodule.eval_stream(split, with_answer=False), cfg.data.eval_batch_size, "left")
+    loader = datamodule.loader(datamodule.eval_stream(split, with_answer=False), cfg.data.eval_batch_size, "left")
     limit = cfg.router_pretrain.max_samples if split == "train" else 0
     pooled = extract_pooled_features(model, loader, limit, desc=f"router inputs ({split})")
     path.parent.mkdir(parents=True, exist_ok=True)

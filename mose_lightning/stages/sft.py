@@ -3,6 +3,7 @@ expert-group scaling stage that continues from a MoSE SFT model. Read top to bot
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -66,8 +67,8 @@ def run_expert_group(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
     model = load_model(source)
     if model.cfg.moe.kind != "mose":
         raise ConfigError(f"init_from={cfg.init_from}: expected a MoSE model, got moe.kind={model.cfg.moe.kind!r}")
-    mose_view = ExperimentConfig(**{**cfg.__dict__})
-    mose_view.moe = type(cfg.moe)(**{**cfg.moe.__dict__, "kind": "mose"})
+    mose_view = copy.deepcopy(cfg)
+    mose_view.moe.kind = "mose"
     check_compatible(model.cfg, mose_view, str(source))
     convert_to_expert_groups(model.backbone, model.adapter, model.layout)
     model.cfg = cfg
