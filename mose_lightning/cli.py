@@ -43,7 +43,7 @@ def _overrides(values: List[str]) -> List[str]:
 def _quiet_known_warnings() -> None:
     """Lightning and transformers notices that say nothing about the user's run."""
     for pattern in (".*LeafSpec.*", ".*IterableDataset.*has `__len__` defined.*", ".*module\\(s\\) in eval mode.*",
-                    ".*does not have many workers.*"):
+                    ".*does not have many workers.*", ".*predict returned None.*"):
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("LITLOGGER_DISABLE_TIP", "1")
 
@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_known_warnings()
     try:
         if argv and argv[0] == "data":
             _cmd_data(None, argv[1:])

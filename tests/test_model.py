@@ -430,3 +430,20 @@ def test_mose_params_cli_json():
     assert report["moe_layers"] == 14 and report["levels"] == [4, 5, 5]
     assert report["activated"] < 3e9 and report["trainable"] < report["total"]
     assert report == parameter_report(build_model(load_config(PROJECT / "configs/experiment/coda_mose.yaml"), meta=True))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(make_config, batch):
+    """Decoder layers recomputed in the backward re-run the routing hooks; routes and gradients must not change."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(make_config("moe.kind=mose"))
+        _perturb(model)
+        model.train()
+        if checkpointing:
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
