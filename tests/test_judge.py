@@ -194,3 +194,30 @@ def test_secret_not_in_report_cache_or_logs(tmp_path, caplog, capsys):
     texts = [out.read_text(), caplog.text, captured.out, captured.err]
     texts += [p.read_text() for p in (tmp_path / "judge_cache").rglob("*") if p.is_file()]
     assert len(texts) > 4 and all(SECRET not in t for t in texts)
+
+
+def test_evaluation_scores_put_judge_results_in_the_table_1_layout(tmp_path):
+    """The eval stage's scoring (local metrics + judge) -> scores.json and results.md with Table 1's columns."""
+    from mose_lightning.config import ExperimentConfig
+    from mose_lightning.evaluation.report import write_results
+    from mose_lightning.stages.evaluate import score_records
+
+    records = [dict(item, dataset="coda_lm", question="q", skills=None, skill_chain=[], images=[])
+               for item in CODA_ITEMS]
+    with OpenAIServer(coda_script()) as server:
+        cfg = ExperimentConfig()
+        cfg.eval.judge = judge_cfg(server, tmp_path)
+        scores, ratings = score_records(records, cfg)
+    coda = scores["coda"]
+    assert coda["general"] == {"score": pytest.approx(70.0), "n_judged": 3, "n_failed": 1}
+    assert coda["overall"] == pytest.approx((70 + 70 + 75) / 3)
+    assert coda["regional_by_class"]["vehicle"]["score"] == pytest.approx(80.0)
+    assert ratings["g4"] is None and ratings["s1"] == 7.5
+    assert set(scores["local"]) >= {"general", "regional", "suggestion", "overall"}
+    write_results(tmp_path / "run", scores, {"moe_kind": "mose", "activated_params": 2.79e9})
+    table = (tmp_path / "run" / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| Method"))
+    assert [c.strip() for c in header.strip("|").split("|")][:6] == [
+        "Method", "Activated params", "General", "Regional", "Suggestion", "Score"]
+    assert "71.67" in table and SECRET not in table
+    assert SECRET not in (tmp_path / "run" / "scores.json").read_text()
