@@ -385,6 +385,8 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         merged = OmegaConf.merge(schema, *layers)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{source}: {_describe(err)}") from err
+    # `key=` means the empty string (OmegaConf would read it as null, which a str field rejects).
+    overrides = [o + "''" if o.endswith("=") else o for o in overrides]
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:

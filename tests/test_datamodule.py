@@ -311,3 +311,25 @@ def test_datamodule_generation_loader_with_workers(make_config, toy, synthetic_d
     assert not any(m["pad"] for b in batches for m in b["meta"])
     assert sorted(keys) == sorted(shard_of_keys(expand_shards(str(synthetic_dir / "test"))))
     assert all(b["input_ids"].shape[0] == b["attention_mask"].shape[0] == len(b["meta"]) for b in batches)
+
+
+def test_training_order_changes_every_epoch_under_the_trainer(make_config, tmp_path):
+    """Lightning builds the training DataLoader once: the fine-tuning module must advance the stream's epoch."""
+    from mose_lightning.model import build_model
+    from mose_lightning.stages.common import FineTuneModule
+    from mose_lightning.training import make_trainer
+
+    cfg = make_config("data.batch_size=32", "data.val_shards=", "trainer.max_steps=4", f"run_dir={tmp_path}",
+                      "trainer.checkpoint_every_n_steps=100")
+    model = build_model(cfg)
+    seen = {}
+
+    class Recording(FineTuneModule):
+        def training_step(self, batch, batch_idx):
+            seen.setdefault(self.current_epoch, []).extend(m["key"] for m in batch["meta"])
+            return super().training_step(batch, batch_idx)
+
+    datamodule = DriveDataModule(cfg.data, model.adapter, model.processor, model.taxonomy)
+    make_trainer(cfg, tmp_path, model, validate=False).fit(Recording(model, cfg), datamodule=datamodule)
+    assert sorted(seen) == [0, 1] and len(seen[0]) == len(seen[1]) == 64
+    assert seen[0] != seen[1]

@@ -61,6 +61,13 @@ class FineTuneModule(pl.LightningModule):
             raise RuntimeError("nothing to train: every parameter is frozen (check moe.kind / moe.extra_trainable)")
         return build_optimizer(self, params, self.cfg, self.cfg.trainer.max_steps)
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning builds the training DataLoader once; the stream's shuffle must still change every epoch (and
+        # follow the restored epoch on resume). Workers are re-created per epoch and pick the new value up.
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
     # ---- checkpoints hold only what trains -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # The frozen backbone is rebuilt from its source on resume; storing it would multiply checkpoint size.
