@@ -283,6 +283,7 @@ class DriveDataModule(pl.LightningDataModule):
             batch_size=batch_size,
             num_workers=self.cfg.num_workers,
             collate_fn=_Collate(pad_id, padding_side),
+            # Workers are started anew each epoch so they see the stream's new epoch (set_epoch) and reshuffle.
             persistent_workers=False,
         )
 
