@@ -37,8 +37,11 @@ pretrain-router: install
 sft: install
 	$(VENV)/bin/mose sft --config $(CONFIG) $(ARGS)
 
+# Expert groups need an expert_group config: CONFIG when given, else the toy one.
+EXPERT_GROUP_CONFIG = $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/experiment/toy_mose_expert_group.yaml)
+
 expert-group: install
-	$(VENV)/bin/mose expert-group --config $(subst toy_mose.yaml,toy_mose_expert_group.yaml,$(CONFIG)) $(ARGS)
+	$(VENV)/bin/mose expert-group --config $(EXPERT_GROUP_CONFIG) $(ARGS)
 
 eval: install
 	$(VENV)/bin/mose eval --config $(CONFIG) $(ARGS)
