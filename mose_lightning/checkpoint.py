@@ -31,27 +31,29 @@ META = "model.json"
 MODEL_DEFINING = ("backbone", "moe", "skills")
 
 
-def _saved_state(model, full_state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-    """Trainable and MoE-block parameters. `full_state` (backbone parameter name -> tensor) replaces the live
-    parameters when they are sharded, e.g. the gathered state dict of an FSDP run."""
+def saved_parameter_names(model) -> set:
+    """Backbone parameter names a checkpoint keeps: everything trainable and everything inside an MoE block.
+    The rest is the frozen backbone, rebuilt from its source when a model or a run is loaded."""
     block_ids = set(map(id, model.layout.blocks))
     moe_prefixes = tuple(f"{name}." for name, module in model.backbone.named_modules() if id(module) in block_ids)
-    state = {}
-    for name, param in model.backbone.named_parameters():
-        if param.requires_grad or name.startswith(moe_prefixes):
-            value = full_state[name] if full_state is not None else param
-            state[name] = value.detach().to("cpu").contiguous()
-    return state
+    return {name for name, param in model.backbone.named_parameters() if param.requires_grad or name.startswith(moe_prefixes)}
+
+
+def _saved_state(model, full_state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """The parameters `saved_parameter_names` keeps. `full_state` (backbone parameter name -> tensor) replaces the
+    live parameters when they are sharded, e.g. the gathered state dict of an FSDP run."""
+    source = full_state if full_state is not None else dict(model.backbone.named_parameters())
+    return {name: source[name].detach().to("cpu").contiguous() for name in sorted(saved_parameter_names(model))}
 
 
 def backbone_fingerprint(model) -> str:
     """Identity of the frozen backbone weights: a hash of every frozen tensor's name, shape and 64 evenly spaced
     elements. Exact element values, not sums: a reduction's rounding depends on the thread count, and the same
     weights must give the same fingerprint in every process."""
-    moe = {id(p) for block in model.layout.blocks for p in block.parameters()}
+    saved = saved_parameter_names(model)
     digest = hashlib.sha256()
     for name, param in sorted(model.backbone.named_parameters(), key=lambda item: item[0]):
-        if param.requires_grad or id(param) in moe or param.device.type == "meta":
+        if name in saved or param.device.type == "meta":
             continue
         flat = param.detach().flatten()
         picked = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()

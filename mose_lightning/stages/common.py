@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import lightning.pytorch as pl
 import torch
 
+from mose_lightning.checkpoint import saved_parameter_names
 from mose_lightning.config import ExperimentConfig
 
 
@@ -71,16 +72,8 @@ class FineTuneModule(pl.LightningModule):
     # ---- checkpoints hold only what trains -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # The frozen backbone is rebuilt from its source on resume; storing it would multiply checkpoint size.
-        keep = {f"model.backbone.{n}" for n, p in self.model.backbone.named_parameters() if p.requires_grad}
-        keep |= {
-            f"model.backbone.{n}" for n, _ in self.model.backbone.named_parameters()
-            if any(n.startswith(f"{prefix}.") for prefix in self._moe_prefixes())
-        }
+        keep = {f"model.backbone.{name}" for name in saved_parameter_names(self.model)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-
-    def _moe_prefixes(self) -> List[str]:
-        blocks = set(map(id, self.model.layout.blocks))
-        return [name for name, module in self.model.backbone.named_modules() if id(module) in blocks]
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # Fill in the frozen tensors so Lightning's strict load finds every key.
