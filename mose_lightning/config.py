@@ -243,6 +243,9 @@ class RouterPretrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 64
+    # Train on per-feature standardised router inputs, folded into the saved Linear afterwards (see
+    # RouterPretrainModule): much faster convergence; the saved router computes the same function either way.
+    standardize: bool = True
     # Fraction of the training samples held out for accuracy/confusion when no val_shards are given.
     holdout_fraction: float = 0.0
     # Limit the annotated samples used (the paper finds ~2000 enough). 0: all.

@@ -499,3 +499,31 @@ def test_eval_ddp_generates_each_sample_once(root, sft_run):
     keys = [json.loads(line)["key"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert sorted(keys) == shard_keys(root / "syn" / "rule" / "test")
     assert len(keys) == len(set(keys)) == SIZES["test"]
+
+
+def test_router_standardization_folds_into_the_saved_linear():
+    """Training on standardised inputs, then folding: the router as saved gives the logits the training saw."""
+    from mose_lightning.moe.routing import SequenceSkillRouter
+    from mose_lightning.stages.router_pretrain import RouterPretrainModule
+
+    torch.manual_seed(0)
+    cfg = load_config(TOY)
+    routers = {1: SequenceSkillRouter(16, 4), 3: SequenceSkillRouter(16, 4)}
+    # A big shared component plus small per-sample deviations, like pooled residual streams; feature 5 constant.
+    feats = 5.0 + 0.05 * torch.randn(64, 2, 16)
+    feats[:, :, 5] = 2.0
+    module = RouterPretrainModule(routers, [0, 2], ["perception", "prediction", "planning"], 4, cfg, feats)
+    for router in routers.values():
+        torch.nn.init.normal_(router.classifier.weight)
+        torch.nn.init.normal_(router.classifier.bias)
+    normed = SequenceSkillRouter.normalise(feats[:, 0])
+    expected_first = routers[1].classifier((normed - normed.mean(0)) / normed.std(0, unbiased=False).where(
+        normed.std(0, unbiased=False) > 1e-6, torch.ones(16)))
+    with torch.no_grad():
+        trained_view = module._logits(feats)
+        assert torch.allclose(trained_view[:, 0], expected_first, atol=1e-4)
+        module.fold_standardization()
+        assert not module.standardized
+        saved_view = torch.stack([routers[1](feats[:, 0]), routers[3](feats[:, 1])], dim=1)
+        assert torch.allclose(module._logits(feats), saved_view)
+    torch.testing.assert_close(saved_view, trained_view, rtol=1e-4, atol=2e-3)

@@ -113,10 +113,17 @@ def cached_features(model, cfg: ExperimentConfig, datamodule: DriveDataModule, s
 
 
 class RouterPretrainModule(pl.LightningModule):
-    """Trains the skill router of every MoSE layer on cached pooled inputs."""
+    """Trains the skill router of every MoSE layer on cached pooled inputs.
+
+    Preconditioning: the (RMS-normalised) pooled vectors of a layer share a large common component, and what tells
+    skills apart lives in small deviations from it, which a linear router reaches only with large weights, i.e.
+    slowly. With `standardize`, each router trains on its inputs standardised per feature with the training set's
+    mean and std, and `fold_standardization()` then folds that affine map into the router's own Linear, so the
+    saved router is the plain linear classifier on T_mean that SFT and generation run, computing the same logits.
+    """
 
     def __init__(self, routers: Dict[int, nn.Module], level_of_layer: List[int], level_names: List[str],
-                 num_skills: int, cfg: ExperimentConfig) -> None:
+                 num_skills: int, cfg: ExperimentConfig, train_features: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.layer_ids = sorted(routers)
         self.routers = nn.ModuleList([routers[i] for i in self.layer_ids])
@@ -126,9 +133,36 @@ class RouterPretrainModule(pl.LightningModule):
         self.cfg = cfg
         self._confusion: Optional[torch.Tensor] = None
         self.final: Dict[str, float] = {}
+        self.standardized = train_features is not None
+        if self.standardized:
+            normed = torch.stack([r.normalise(train_features[:, j].float()) for j, r in enumerate(self.routers)], dim=1)
+            # A feature that never varies carries no skill information: its scale stays 1 instead of dividing by ~0.
+            std = normed.std(dim=0, unbiased=False)
+            self.register_buffer("feat_mean", normed.mean(dim=0))  # (L, H)
+            self.register_buffer("feat_std", torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     def _logits(self, feats: torch.Tensor) -> torch.Tensor:
-        return torch.stack([router(feats[:, j]) for j, router in enumerate(self.routers)], dim=1)  # (B, L, E)
+        if not self.standardized:
+            return torch.stack([router(feats[:, j]) for j, router in enumerate(self.routers)], dim=1)  # (B, L, E)
+        out = []
+        for j, router in enumerate(self.routers):
+            z = (router.normalise(feats[:, j].float()) - self.feat_mean[j]) / self.feat_std[j]
+            out.append(router.classifier(z))
+        return torch.stack(out, dim=1)
+
+    @torch.no_grad()
+    def fold_standardization(self) -> None:
+        """W z + b with z = (n - mean) / std  ==  (W / std) n + (b - W (mean / std)): rewrite each router's Linear
+        so the router maps its raw pooled input to the same logits, then drop the standardisation."""
+        if not self.standardized:
+            return
+        for j, router in enumerate(self.routers):
+            lin = router.classifier
+            weight = lin.weight.float() / self.feat_std[j]
+            bias = lin.bias.float() - lin.weight.float() @ (self.feat_mean[j] / self.feat_std[j])
+            lin.weight.copy_(weight)
+            lin.bias.copy_(bias)
+        self.standardized = False
 
     def _targets(self, labels: torch.Tensor) -> torch.Tensor:
         return labels[:, self.level_of_layer]  # (B, L)
@@ -224,7 +258,8 @@ def run_router_pretrain(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
     num_skills = model.layout.sequence_routed[0].num_skills
     for router in routers.values():
         router.float().requires_grad_(True)
-    module = RouterPretrainModule(routers, level_of_layer, levels, num_skills, cfg)
+    module = RouterPretrainModule(routers, level_of_layer, levels, num_skills, cfg,
+                                  train.features if cfg.router_pretrain.standardize else None)
     r = cfg.router_pretrain
     train_loader = DataLoader(TensorDataset(train.features, train.labels), batch_size=r.batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(cfg.seed))
@@ -236,6 +271,8 @@ def run_router_pretrain(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
                          log_every_n_steps=1, check_val_every_n_epoch=max(1, r.epochs // 5))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer.fit(module, train_loader, test_loader)
+    # The held-out numbers below come from the routers exactly as saved (standardisation folded in).
+    module.fold_standardization()
     trainer.validate(module, test_loader, verbose=False)
     state = {f"layer{idx}.{name}": value.detach().cpu() for idx, router in routers.items()
              for name, value in router.state_dict().items()}
