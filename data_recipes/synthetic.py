@@ -27,20 +27,27 @@ Every object plays a role; the role decides the object's text and its prediction
     speed_sign      speed limit sign              general          caution         5
     side_cones      cones in a side lane          static_hazards   caution         5
     green_light     green light                   general          general         6
-    far_car         vehicle far ahead in ego lane general          caution         7
     parked_car      parked car far in side lane   general          general         (distractor)
     sidewalk_ped    pedestrian on a sidewalk      general          general         (distractor)
 
-A scene has no key object (clear road), one, or two key objects of different rank, plus up to two distractors.
-Manoeuvres go to the left lane unless an object occupies it (near/mid), then to the right.
+A scene has no key object (clear road, 10%), one, or (20%) two key objects of different rank, plus up to two
+distractors. The second key object stands at the farthest distance its role allows, so importance and visual
+weight agree. Manoeuvres go to the left lane unless an object occupies it (near/mid), then to the right.
+
+Why the scenes look as they do. MoSE routes on the *mean* of the prompt tokens entering a layer, and the image is
+most of the prompt (32 of ~57 tokens on the toy), so what decides a skill must survive averaging: the background
+has fixed colours (any per-image noise there lands in every image token and drowns the objects), and the
+deciding objects are drawn large enough to fill at least a token's 28x28 cell: lamps, signs, debris and people
+are bigger than a photograph would show them at that distance.
 
 Tasks (one sample per scene, tasks in turn), fixed question per task so the question never leaks the answer:
   general     "The most important object is <key 1>. <effect 1> Next is the <key 2>." (or one key object, or clear)
-  regional    the object inside a red rectangle (width 2) drawn on the image: "<object>. <effect>"; `region` set
+  regional    the most important object (a distractor on a clear road) inside a red rectangle (width 2) drawn on
+              the image: "<object>. <effect>"; `region` set
   suggestion  the advice of the most important object, "Also watch the <key 2>." when there is a second one
 Skills per level (exact names of configs/skills/driving.yaml), by the same rules that write the answer:
   perception  regional -> region_object; most important object is a light or sign -> traffic_control;
-              general task with a key object other than far_car -> scene_key_objects; else general
+              general task -> scene_key_objects; else general
   prediction  regional -> the boxed object's role; two key objects -> object_importance; one -> its role;
               none -> general
   planning    regional -> the boxed object's role; else the most important object's role; none -> general
@@ -106,7 +113,6 @@ ROLES: Dict[str, Role] = {
         Role("speed_sign", "traffic_sign", "general", "caution", 5, "roadside", ("mid",), True, 0.35),
         Role("side_cones", "traffic_cone", "static_hazards", "caution", 5, "side", ("near", "mid"), False, 0.7),
         Role("green_light", "traffic_light", "general", "general", 6, "overhead", ("mid", "far"), True, 0.9),
-        Role("far_car", "vehicle", "general", "caution", 7, "ego", ("far",), False, 0.4),
         Role("parked_car", "vehicle", "general", "general", 99, "side", ("far",), False, 0.0),
         Role("sidewalk_ped", "vru", "general", "general", 99, "sidewalk", ("mid", "far"), False, 0.0),
     )
@@ -115,7 +121,7 @@ KEY_ROLES = [r for r in ROLES.values() if r.rank < 99]
 DISTRACTOR_ROLES = [r for r in ROLES.values() if r.rank == 99]
 # Scene mix: share of clear roads and of scenes with a second key object (object_importance).
 P_CLEAR = 0.10
-P_SECOND = 0.5
+P_SECOND = 0.2
 
 VEHICLE_COLORS = {"white": (235, 235, 235), "blue": (40, 80, 200), "black": (20, 20, 22)}
 CLOTHES = [(200, 60, 60), (60, 140, 60), (230, 200, 60), (120, 60, 160), (240, 240, 240)]
@@ -158,9 +164,9 @@ class Scene:
 # --- scene sampling ----------------------------------------------------------------------------------------------
 
 
-def _place(role: Role, rng: random.Random, used: set) -> Optional[Obj]:
+def _place(role: Role, rng: random.Random, used: set, farthest: bool = False) -> Optional[Obj]:
     """An object for the role in a free slot, or None when its slots are taken (one object per lane/slot)."""
-    dist = rng.choice(role.distances)
+    dist = role.distances[-1] if farthest else rng.choice(role.distances)
     if role.slot == "ego":
         slot, lane = ("lane", 0), 0
     elif role.slot == "side":
@@ -180,7 +186,7 @@ def _place(role: Role, rng: random.Random, used: set) -> Optional[Obj]:
     obj = Obj(role=role, lane=lane, distance=dist)
     name = role.name
     if role.category == "vehicle":
-        obj.kind = "truck" if name in ("slow_car_ahead", "far_car") and rng.random() < 0.35 else "car"
+        obj.kind = "truck" if name == "slow_car_ahead" and rng.random() < 0.35 else "car"
         obj.color = rng.choice(sorted(VEHICLE_COLORS))
         obj.motion = {"car_cut_in": "cut_in", "parked_car": "static"}.get(name, "ahead")
     elif name in ("ped_crossing", "sidewalk_ped"):
@@ -206,7 +212,7 @@ def sample_scene(rng: random.Random) -> Scene:
             later = [r for r in KEY_ROLES if r.rank > first.rank and not (r.traffic_control and first.traffic_control)]
             rng.shuffle(later)
             for role in later:
-                obj = _place(role, rng, used)
+                obj = _place(role, rng, used, farthest=True)
                 if obj is not None:
                     scene.keys.append(obj)
                     break
@@ -237,7 +243,7 @@ def phrase(o: Obj) -> str:
         return f"{'a barrier' if n == 'barrier_block' else 'traffic cones'} {dist} blocking the ego lane"
     if n == "debris_block":
         return f"debris {dist} in the ego lane"
-    if n in ("slow_car_ahead", "far_car"):
+    if n == "slow_car_ahead":
         return f"a {o.color} {o.kind} {dist} in the ego lane"
     if n == "cyclist_ahead":
         return f"a cyclist {dist} riding in the ego lane"
@@ -259,7 +265,7 @@ def short_name(o: Obj) -> str:
         return {"red_light": "red light", "yellow_light": "yellow light", "green_light": "green light"}.get(n, o.kind)
     if n in ("car_cut_in", "side_cones"):
         return f"{'car' if n == 'car_cut_in' else 'traffic cones'} in the {side} lane"
-    if n in ("slow_car_ahead", "far_car"):
+    if n == "slow_car_ahead":
         return f"{o.kind} ahead"
     return {"ped_crossing": "pedestrian", "cyclist_ahead": "cyclist", "barrier_block": "barrier",
             "cones_block": "traffic cones", "debris_block": "debris"}.get(n, o.kind)
@@ -280,7 +286,6 @@ def effect(o: Obj, scene: Scene) -> str:
         "speed_sign": "The ego car should keep a moderate speed.",
         "side_cones": "The road is narrowed, so the ego car should slow down.",
         "green_light": "The ego car may go on in its lane.",
-        "far_car": "It is far away, so the ego car keeps a safe distance.",
         "parked_car": "It does not affect the ego car.",
         "sidewalk_ped": "It does not affect the ego car.",
     }[n]
@@ -298,8 +303,6 @@ def advice(o: Optional[Obj], scene: Scene) -> str:
         return f"Slow down and leave space for the car merging from the {LANE_NAMES[o.lane]} lane."
     if n == "side_cones":
         return f"Slow down, the {LANE_NAMES[o.lane]} lane is narrowed by traffic cones."
-    if n == "far_car":
-        return f"Keep the lane and a safe distance from the {o.kind} far ahead."
     return {
         "red_light": "Stop and wait until the light turns green.",
         "stop_sign": "Stop at the stop sign, then go on when the way is clear.",
@@ -324,7 +327,8 @@ def answer_and_skills(scene: Scene, task: str, target: Optional[Obj] = None) -> 
         return text, {"perception": "region_object", "prediction": target.role.prediction, "planning": target.role.planning}
     if first is not None and first.role.traffic_control:
         perception = "traffic_control"
-    elif task == "general" and any(o.role.name != "far_car" for o in keys):
+    elif task == "general":
+        # Scanning the whole scene for what matters is the skill, whatever it finds (a clear road included).
         perception = "scene_key_objects"
     else:
         perception = "general"
@@ -358,7 +362,7 @@ class Canvas:
     def __init__(self, width: int, height: int):
         self.w, self.h = width, height
         self.horizon = 0.40 * height
-        self.lane_w = 0.42 * width
+        self.lane_w = 0.55 * width
 
     def base_y(self, distance: str) -> float:
         return self.DIST_Y[distance] * self.h
@@ -375,19 +379,20 @@ class Canvas:
         return self.lane_w * self.scale(y)
 
 
-def _jitter(rng: random.Random, color: Tuple[int, int, int], amount: int = 10) -> Tuple[int, ...]:
+def _jitter(rng: random.Random, color: Tuple[int, int, int], amount: int) -> Tuple[int, ...]:
     return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in color)
 
 
-def _draw_background(d: ImageDraw.ImageDraw, c: Canvas, rng: random.Random) -> None:
+def _draw_background(d: ImageDraw.ImageDraw, c: Canvas) -> None:
     w, h, hy = c.w, c.h, c.horizon
-    d.rectangle([0, 0, w, hy], fill=_jitter(rng, (160, 200, 235)))
-    d.rectangle([0, hy, w, h], fill=_jitter(rng, (100, 135, 85)))  # verges
+    # Fixed colours on purpose (see the module doc): background noise would reach every image token's mean.
+    d.rectangle([0, 0, w, hy], fill=(160, 200, 235))
+    d.rectangle([0, hy, w, h], fill=(100, 135, 85))  # verges
     far_y = hy + 1
     walk = [(c.x(far_y, -2.1), far_y), (c.x(far_y, 2.1), far_y), (c.x(h, 2.1), h), (c.x(h, -2.1), h)]
-    d.polygon(walk, fill=_jitter(rng, (175, 175, 170), 6))  # sidewalks
+    d.polygon(walk, fill=(175, 175, 170))  # sidewalks
     road = [(c.x(far_y, -1.5), far_y), (c.x(far_y, 1.5), far_y), (c.x(h, 1.5), h), (c.x(h, -1.5), h)]
-    d.polygon(road, fill=_jitter(rng, (78, 78, 80), 6))
+    d.polygon(road, fill=(78, 78, 80))
     lw = max(1, round(c.w / 150))
     for off in (-1.5, 1.5):
         d.line([(c.x(far_y, off), far_y), (c.x(h, off), h)], fill=(230, 230, 230), width=lw)
@@ -415,9 +420,9 @@ def _draw_object(d: ImageDraw.ImageDraw, c: Canvas, o: Obj, rng: random.Random) 
     if o.role.slot == "sidewalk":
         x = c.x(y, 1.8 * o.lane)
     elif o.role.slot in ("overhead", "roadside"):
-        x = c.x(y, 1.75 if o.role.slot == "roadside" else 0.55)
+        x = c.x(y, 1.5 if o.role.slot == "roadside" else 0.55)
     else:
-        x = c.x(y, o.lane)
+        x = min(max(c.x(y, o.lane), 0.12 * c.w), 0.88 * c.w)  # near side-lane objects stay in the picture
     lw = max(1, round(u / 25))
     if cat == "vehicle":
         bw, bh = (0.70 * u, 0.62 * u) if o.kind == "truck" else (0.62 * u, 0.42 * u)
@@ -434,7 +439,7 @@ def _draw_object(d: ImageDraw.ImageDraw, c: Canvas, o: Obj, rng: random.Random) 
         d.rectangle([x1 - 0.16 * bw, y1 - wheel - 0.22 * bh, x1 - 0.04 * bw, y1 - wheel - 0.1 * bh], fill=(220, 30, 30))
         o.bbox = (x0, y0, x1, y1)
     elif o.kind in ("pedestrian", "cyclist"):
-        ph = 0.55 * u
+        ph = 0.7 * u
         cloth = rng.choice(CLOTHES)
         head = 0.09 * ph
         if o.kind == "cyclist":
@@ -467,15 +472,15 @@ def _draw_object(d: ImageDraw.ImageDraw, c: Canvas, o: Obj, rng: random.Random) 
             d.rectangle([sx0, top, sx0 + bw / stripes, top + 0.55 * bh], fill=(205, 30, 30) if k % 2 == 0 else (245, 245, 245))
         o.bbox = (x0, top, x1, y)
     elif cat == "miscellaneous":
-        dw, dh = 0.4 * u, 0.14 * u
+        dw, dh = 0.6 * u, 0.25 * u
         pts = [(x - dw / 2, y), (x - 0.3 * dw, y - dh * rng.uniform(0.6, 1.0)), (x - 0.05 * dw, y - dh),
                (x + 0.25 * dw, y - dh * rng.uniform(0.5, 0.9)), (x + dw / 2, y)]
         d.polygon(pts, fill=_jitter(rng, (125, 90, 50), 15), outline=(60, 40, 20))
         o.bbox = (x - dw / 2, y - dh, x + dw / 2, y)
     elif cat == "traffic_light":
-        u = max(u, 0.22 * c.w)  # lamps must stay readable at any distance
-        bw, bh = 0.15 * u, 0.40 * u
-        bottom = y - 0.7 * u
+        u = max(u, 0.34 * c.w)  # lamps must stay readable at any distance
+        bw, bh = 0.22 * u, 0.60 * u
+        bottom = max(bh + 2, y - 0.45 * u)  # the housing stays inside the image
         d.line([(x, y), (x, bottom)], fill=(110, 110, 110), width=max(1, round(bw / 4)))
         x0, y0, x1, y1 = x - bw / 2, bottom - bh, x + bw / 2, bottom
         d.rectangle([x0, y0, x1, y1], fill=(25, 25, 25))
@@ -485,7 +490,7 @@ def _draw_object(d: ImageDraw.ImageDraw, c: Canvas, o: Obj, rng: random.Random) 
             d.ellipse([x - r, cy - r, x + r, cy + r], fill=LAMP_COLORS[lamp] if lamp == o.kind else (60, 60, 60))
         o.bbox = (x0, y0, x1, y1)
     elif cat == "traffic_sign":
-        u = max(u, 0.2 * c.w)
+        u = max(u, 0.45 * c.w)
         r = 0.13 * u
         cy = y - 0.7 * u
         d.line([(x, y), (x, cy)], fill=(110, 110, 110), width=max(1, round(r / 4)))
@@ -518,7 +523,7 @@ def render_scene(scene: Scene, width: int, height: int, rng: random.Random) -> I
     c = Canvas(width, height)
     img = Image.new("RGB", (width, height))
     d = ImageDraw.Draw(img)
-    _draw_background(d, c, rng)
+    _draw_background(d, c)
     order = sorted(scene.objects, key=lambda o: (o.role.slot in ("overhead", "roadside"), c.base_y(o.distance)))
     for o in order:
         _draw_object(d, c, o, rng)
@@ -543,9 +548,9 @@ def make_sample(split: str, index: int, seed: int, width: int = 224, height: int
     img = render_scene(scene, width, height, rng)
     target = region = category = None
     if task == "regional":
-        # Mostly key objects: a distractor answer ("does not affect the ego car") is easy and says little.
-        weights = [5.0] * len(scene.keys) + [1.0] * len(scene.distractors)
-        target = rng.choices(scene.objects, weights=weights)[0]
+        # The most important object, so the boxed object and the scene agree on prediction and planning (a
+        # router sees the whole prompt's mean, not the box); a distractor only on a clear road.
+        target = scene.keys[0] if scene.keys else scene.distractors[0]
         region = box_region(target, width, height)
         category = target.role.category
         x, y, w, h = region

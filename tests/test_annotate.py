@@ -99,9 +99,8 @@ RULE_CASES = [
     (sample("synthetic", "general", SYN_GENERAL_Q, "The most important object is a pedestrian close ahead crossing "
             "the ego lane to the left. The ego car must yield to the pedestrian. Next is the green light."),
      chain("scene_key_objects", "object_importance", "stop_or_yield")),
-    (sample("synthetic", "general", SYN_GENERAL_Q, "A black truck far ahead in the ego lane. It is far away, so the "
-            "ego car keeps a safe distance."),
-     chain("general", "general", "caution")),
+    (sample("synthetic", "general", SYN_GENERAL_Q, "The road ahead is clear. No object affects the ego car."),
+     chain("scene_key_objects", "general", "general")),
     (sample("synthetic", "general", SYN_GENERAL_Q, "Debris ahead in the ego lane. The ego car must change to the "
             "right lane."),
      chain("scene_key_objects", "static_hazards", "manoeuvre")),

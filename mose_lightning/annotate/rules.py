@@ -60,9 +60,8 @@ synthetic perception (first that holds wins)
 | primary names a traffic light/sign: "traffic light", "sign", "speed limit",| traffic_control   |
 |   "red/yellow/green light", "the light", or the speed-limit advice         |                   |
 |   "moderate speed"                                                         |                   |
-| general task, an object named (not a clear road: "road ahead is clear",   | scene_key_objects |
-|   "no object affects") that is not far away ("far ahead", "far away")     |                   |
-| otherwise (suggestion without a light/sign, clear road, only a far car)    | general           |
+| general task (scanning the scene is the skill, a clear road included)      | scene_key_objects |
+| otherwise (a suggestion without a light/sign)                              | general           |
 
 synthetic prediction (first that holds wins)
 | condition                                                                  | skill             |
@@ -208,7 +207,7 @@ def _synthetic(task: str, a: str, tagged: bool) -> Dict[str, str]:
         perception = "region_object"
     elif _hits("syn_traffic_control", primary):
         perception = "traffic_control"
-    elif task == "general" and primary.strip() and not _hits("syn_irrelevant", primary):
+    elif task == "general":
         perception = "scene_key_objects"
     else:
         perception = GENERAL
