@@ -447,3 +447,14 @@ def test_activation_checkpointing_gives_the_same_gradients(make_config, batch):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_package_import_turns_on_huge_pages_for_cpu_allocations_unless_set():
+    """THP_MEM_ALLOC_ENABLE must be in the environment before PyTorch's first large allocation."""
+    code = "import mose_lightning, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "0"
