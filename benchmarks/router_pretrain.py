@@ -7,7 +7,10 @@ Both paths train the same routers (same initial weights, same seed, same samples
 and optimiser: `RouterPretrainModule` under a Lightning Trainer, as `run_router_pretrain` does):
   cached    `cached_features` into an empty cache folder: one frozen-backbone forward per training sample
             (`extract_pooled_features`), written to disk; then E epochs of router training on the cached (N, L, H)
-            features (`DataLoader(TensorDataset)`, shuffled with the seed), which is what the stage runs.
+            features (`DataLoader(TensorDataset)`), as the stage does; here unshuffled, in the uncached loader's
+            order and batches, so that both paths run the same optimisation (the stage shuffles, and also
+            standardises the inputs, which the uncached path could not do without an extra pass: both train on
+            raw inputs here).
   uncached  E epochs over the DataModule's prompt-only loader; every training step reads, decodes and encodes its
             samples, runs the frozen backbone (no grad) and trains the routers on the pooled inputs of that batch.
 Timed: everything from "features needed" to "routers trained" (data reading and encoding included in both; the
@@ -15,7 +18,7 @@ model build and the held-out features are not). Backbone forwards are counted wi
 module (samples = rows of `input_ids` per call) and compared with the expected N and N x E; the code's own count
 (`PooledFeatures.backbone_forwards`) is reported beside it. Also reported: `cache_hit` (a second `cached_features`
 call on the filled cache: no forward at all), and the router accuracy per level on held-out val features after each
-path (the same features for both), which must agree within noise.
+path (the same features for both), which must be the same.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from benchmarks.common import base_parser, emit, format_table, log, machine_info
 from benchmarks.datamodule import synthetic_data, temp_dir, toy_config
 
 NAME = "router_pretrain"
-ACC_TOLERANCE = 0.05  # |acc(cached) - acc(uncached)| per level that counts as "within noise" (shuffle order differs)
+# Both paths see the same batches in the same order, so they train the same routers: accuracies agree up to one
+# held-out sample (a borderline logit flipped by float reassociation), checked as `accuracy_equal`.
 
 
 class ForwardCounter:
@@ -172,8 +176,7 @@ def run(args) -> dict:
                    "code_reported_forwards": train.backbone_forwards}
         module = RouterPretrainModule(routers, level_of_layer, levels, num_skills, cfg)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train.features, train.labels),
-                                             batch_size=batch, shuffle=True,
-                                             generator=torch.Generator().manual_seed(cfg.seed))
+                                             batch_size=batch, shuffle=False)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         _trainer(epochs).fit(module, loader)
         facts["cached"] = {**extract, "forward_samples_total": counter.samples, "train_samples": len(train.keys),
@@ -228,7 +231,7 @@ def run(args) -> dict:
         "uncached_forwards_equal_samples_x_epochs": facts["uncached"]["forward_samples"] == expected["uncached"],
         "code_count_matches_hook": facts["cached"]["code_reported_forwards"] == facts["cached"]["forward_samples"],
         "cache_hit_runs_no_forward": facts["cache_hit"]["forward_samples"] == 0 and facts["cache_hit"]["same_features"],
-        "accuracy_within_noise": max(diff.values()) <= ACC_TOLERANCE,
+        "accuracy_equal": max(diff.values()) <= 1.0 / len(val.keys) + 1e-9,
     }
     return {
         "benchmark": NAME,
@@ -246,7 +249,6 @@ def run(args) -> dict:
         "cache_hit": facts["cache_hit"],
         "accuracy_untrained": acc_init,
         "accuracy_abs_diff": diff,
-        "accuracy_tolerance": ACC_TOLERANCE,
         "checks": checks,
     }
 
