@@ -37,7 +37,7 @@ from mose_lightning.moe import ExpertGroupBlock, MoSEBlock, RoutingContext, Stac
 NAME = "moe_layer"
 NUM_EXPERTS = 4
 CAPACITY_FACTOR = 1.5
-VARIANTS = ("dense", "mose", "expert_group", "topk", "hf_qwen2_moe", "gshard_einsum")
+VARIANTS = ("dense", "mose", "mose_unfused", "expert_group", "topk", "hf_qwen2_moe", "gshard_einsum")
 PEERS = ("hf_qwen2_moe", "gshard_einsum")
 # Goals of issue 6 (CPU, both sizes): ratio_vs_dense at most this, and faster than both peers.
 GOALS = {"mose": 1.10, "expert_group": 1.20, "topk": 1.30}
@@ -177,6 +177,8 @@ def build_variants(hidden: int, inter: int, batch: int, seq: int, device, dtype,
     image_mask[:, : seq // 2] = True  # image tokens first, then the text prompt / answer: a VLM's layout
     ctx = RoutingContext(image_mask=image_mask)
     mose = MoSEBlock.upcycle(base, NUM_EXPERTS, "silu", ctx, 0, "perception", 0)
+    unfused = copy.deepcopy(mose)  # shared and routed experts computed apart, then combined: what the fusion saves
+    unfused.fuse_shared = False
     group = ExpertGroupBlock.from_mose(copy.deepcopy(mose))  # own copies: timing one must not touch the other
     group.context = ctx
     topk_ctx = RoutingContext()
@@ -215,6 +217,8 @@ def build_variants(hidden: int, inter: int, batch: int, seq: int, device, dtype,
     variants = {
         "dense": Variant(dense, dense.parameters(), plain(dense)),
         "mose": Variant(mose, mose.parameters(), sequence_routed(mose), lambda: mose.last_expert_counts * seq),
+        "mose_unfused": Variant(unfused, unfused.parameters(), sequence_routed(unfused),
+                                lambda: unfused.last_expert_counts * seq),
         "expert_group": Variant(group, group.parameters(), sequence_routed(group), lambda: group.last_expert_counts),
         "topk": Variant(topk, topk.parameters(), with_aux(topk, topk_ctx), lambda: topk.last_expert_counts),
         "hf_qwen2_moe": Variant(hf, hf.parameters(), plain(hf), None),

@@ -1,5 +1,6 @@
 """MoE blocks on their own (no backbone): upcycling, routing, modality split, aux losses, both dispatch kernels."""
 
+import copy
 import math
 
 import pytest
@@ -214,3 +215,38 @@ def test_trainable_router_gets_gradient_through_hard_choice_without_changing_out
     for e in range(4):
         g = block.experts.down_proj.grad[e].abs().sum()
         assert (g > 0) == (e in chosen)
+
+
+@pytest.mark.parametrize("combine", ["weighted", "sum"])
+@pytest.mark.parametrize("router_trainable", [True, False])
+def test_fused_shared_and_routed_experts_match_the_separate_computation(dense, combine, router_trainable):
+    """MoSE's one-pass shared + routed kernel (silu_moe) against shared(x), experts and the combination computed
+    apart: same output, same gradients for the input, the shared expert, the stacked experts and the router."""
+    torch.manual_seed(3)
+    fused = randomise(MoSEBlock.upcycle(dense, 4, "silu", RoutingContext(), 0, "perception", 0, combine=combine,
+                                        dispatch="loop"))
+    with torch.no_grad():
+        fused.router.classifier.weight.normal_(std=3.0)
+        fused.shared.down_proj.weight.normal_(std=0.3)
+    fused.router.requires_grad_(router_trainable)
+    separate = copy.deepcopy(fused)
+    separate.fuse_shared = False
+    x = torch.randn(6, 5, H)
+    grad = torch.randn(6, 5, H)
+    results = []
+    for block in (fused, separate):
+        xin = x.clone().requires_grad_()
+        out = block(xin)
+        out.backward(grad)
+        results.append((out.detach(), xin.grad, {n: p.grad for n, p in block.named_parameters()}))
+    # The batch is not in expert order, so both row permutations (and their backward) are exercised.
+    assert not torch.equal(fused.last_route.expert, fused.last_route.expert.sort().values)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+    assert results[0][2].keys() == results[1][2].keys()
+    for name in results[0][2]:
+        a, b = results[0][2][name], results[1][2][name]
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert (results[0][2]["router.classifier.weight"] is not None) == router_trainable

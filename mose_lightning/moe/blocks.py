@@ -28,7 +28,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mose_lightning.moe.experts import StackedSwiGLUExperts, permute_rows, sort_rows_by_expert
+from mose_lightning.moe.experts import (
+    StackedSwiGLUExperts,
+    _use_grouped_mm,
+    fusable_shared,
+    permute_rows,
+    silu_moe,
+    sort_rows_by_expert,
+)
 from mose_lightning.moe.routing import (
     RouteDecision,
     RoutingContext,
@@ -51,6 +58,12 @@ class _SharedPlusRouted(nn.Module):
         self.combine = combine
         self.shared_weight = shared_weight if shared is not None else 0.0
 
+    def _mix_weights(self):
+        """(weight of the shared output, weight of the routed output) under the combination rule."""
+        if self.combine == "sum":
+            return 1.0, 1.0
+        return self.shared_weight, 1.0 - self.shared_weight
+
     def _combine(self, x: torch.Tensor, routed: torch.Tensor, routed_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Shared and routed outputs mixed by the combination rule; `routed_scale` (broadcastable to `routed`, e.g.
         the gate scale per sample) multiplies the routed term. Two passes over the output: the routed term's
@@ -58,12 +71,11 @@ class _SharedPlusRouted(nn.Module):
         if self.shared is None:
             return routed if routed_scale is None else routed * routed_scale
         shared = self.shared(x)
-        coef = 1.0 if self.combine == "sum" else 1.0 - self.shared_weight
+        alpha, coef = self._mix_weights()
         if routed_scale is not None:
             routed = routed * (routed_scale * coef if coef != 1.0 else routed_scale)
         elif coef != 1.0:
             routed = routed * coef
-        alpha = 1.0 if self.combine == "sum" else self.shared_weight
         return torch.add(routed, shared, alpha=alpha) if alpha != 1.0 else routed + shared
 
 
@@ -175,18 +187,35 @@ class MoSEBlock(_SequenceRoutedBlock):
         shared = copy.deepcopy(dense_mlp) if shared_expert else None
         return cls(shared, experts, router, context, level_index, level_name, layer_index, combine, shared_weight)
 
+    # Shared and routed experts in one pass (`silu_moe`) where the kernels allow it (silu experts on the loop
+    # path, a bias-free gate/up/down shared expert); False computes them apart and combines (the reference).
+    fuse_shared: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
         route = self._current_route(x)
         order, inverse, counts, sizes, is_sorted = self._dispatch_plan(route)
         # Whole sequences go to one expert: sort the batch by expert, then each expert's rows are contiguous.
         rows = x if is_sorted else permute_rows(x, order, inverse)
-        routed = self.experts(rows.reshape(batch * seq, hidden), counts * seq, [n * seq for n in sizes])
+        self.last_expert_counts = counts.detach()
+        row_sizes = [n * seq for n in sizes]
+        if self._fused(x):
+            prob = None
+            if torch.is_grad_enabled() and route.prob.requires_grad:
+                prob = route.prob if is_sorted else route.prob.index_select(0, order)
+            shared_weight, routed_weight = self._mix_weights()
+            out = silu_moe(rows.reshape(batch * seq, hidden), self.experts, row_sizes, self.shared, shared_weight,
+                           routed_weight, prob, seq).view(batch, seq, hidden)
+            return out if is_sorted else permute_rows(out, inverse, order)
+        routed = self.experts(rows.reshape(batch * seq, hidden), counts * seq, row_sizes)
         routed = routed.view(batch, seq, hidden)
         if not is_sorted:
             routed = permute_rows(routed, inverse, order)
-        self.last_expert_counts = counts.detach()
         return self._combine(x, routed, self._routed_scale(route, routed.dtype))
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        return (self.fuse_shared and self.experts.activation == "silu" and fusable_shared(self.shared)
+                and not _use_grouped_mm(x, self.experts.dispatch))
 
 
     def _dispatch_plan(self, route: RouteDecision):

@@ -116,7 +116,7 @@ class StackedSwiGLUExperts(nn.Module):
             # of preallocated buffers (no torch.cat, no chunk-backward cat) and each expert's weight gradient into
             # its slice of one stacked gradient, instead of autograd's per-expert full-size zero tensors that
             # `gate_up_proj[e]` indexing would create and then sum.
-            return _SiluExpertLoop.apply(x_sorted, self.gate_up_proj, self.down_proj, sizes)
+            return silu_moe(x_sorted, self, sizes)
         outputs = []
         for expert, chunk in enumerate(torch.split(x_sorted, sizes)):
             if chunk.shape[0] == 0:
@@ -139,22 +139,49 @@ class StackedSwiGLUExperts(nn.Module):
         return out
 
 
-class _SiluExpertLoop(torch.autograd.Function):
-    """SwiGLU experts on rows grouped by expert (silu activation), one matmul chain per non-empty expert.
+def _mm(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, out: Optional[torch.Tensor] = None,
+        accumulate: bool = False) -> torch.Tensor:
+    """alpha * a @ b, written to `out` (added to it with `accumulate`): the scale rides on the GEMM for free."""
+    if out is None:
+        out = a.new_empty(a.shape[0], b.shape[1])
+    if alpha == 1.0 and not accumulate:
+        return torch.mm(a, b, out=out)
+    return torch.addmm(out, a, b, beta=1.0 if accumulate else 0.0, alpha=alpha, out=out)
 
-    Computes what the autograd loop computes, with the same kernels (matmuls, silu, silu_backward) and the same
-    saved activations, in the same row order.
+
+class _SiluMoELoop(torch.autograd.Function):
+    """SwiGLU experts (silu) on rows grouped by expert, optionally combined with a shared SwiGLU, in one pass:
+
+        out = shared_weight * shared(x) + routed_weight * gate * expert_e(x)     (rows of expert e)
+
+    `shared` has separate gate/up/down weights (the dense FFN's copy); `gate` is the straight-through router gate
+    p / p.detach() of each row's sequence when `prob` (one chosen probability per `rows_per_prob` rows) is given:
+    value 1, gradient to p. Without a shared expert and prob, it is just the experts.
+
+    Why one Function: the weights are folded into the GEMMs (addmm's alpha/beta), the routed down projection
+    accumulates onto the shared output and both input-gradient halves into one buffer, so the combination, its
+    backward and the input-gradient sum cost no passes over (rows, hidden) of their own; each expert's weight
+    gradient is written into its slice of one stacked gradient (no per-expert full-size zero tensors). Same kernels
+    (mm, silu, silu_backward) and saved activations as the autograd version.
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up_proj, down_proj, sizes):
+    def forward(ctx, x, gate_up_proj, down_proj, sizes, shared_gate, shared_up, shared_down, shared_weight,
+                routed_weight, prob, rows_per_prob):
         x = x.contiguous()
         num_rows, hidden = x.shape
         inter = down_proj.shape[-1]
+        out = x.new_empty(num_rows, hidden)
+        shared = None
+        if shared_gate is not None:
+            s_gate, s_up = torch.mm(x, shared_gate.t()), torch.mm(x, shared_up.t())
+            s_act = torch.nn.functional.silu(s_gate)
+            s_h = s_act * s_up
+            _mm(s_h, shared_down.t(), shared_weight, out=out)
+            shared = (s_gate, s_up, s_act, s_h)
         gate_up = x.new_empty(num_rows, 2 * inter)  # pre-activations, saved for the backward
         act = x.new_empty(num_rows, inter)  # silu(gate), saved for the backward
         h = x.new_empty(num_rows, inter)  # silu(gate) * up, the down projection's input
-        out = x.new_empty(num_rows, hidden)
         start = 0
         for expert, n in enumerate(sizes):
             if n == 0:
@@ -163,24 +190,44 @@ class _SiluExpertLoop(torch.autograd.Function):
             gu = gate_up[rows]
             torch.mm(x[rows], gate_up_proj[expert].t(), out=gu)
             torch.mul(torch.ops.aten.silu.out(gu[:, :inter], out=act[rows]), gu[:, inter:], out=h[rows])
-            torch.mm(h[rows], down_proj[expert].t(), out=out[rows])
+            _mm(h[rows], down_proj[expert].t(), routed_weight, out=out[rows], accumulate=shared is not None)
             start += n
         if start != num_rows:
             raise ValueError(f"expert row counts sum to {start}, but {num_rows} rows were given")
-        ctx.sizes = sizes
-        ctx.save_for_backward(x, gate_up_proj, down_proj, gate_up, act, h)
+        ctx.sizes, ctx.weights, ctx.rows_per_prob = sizes, (shared_weight, routed_weight), rows_per_prob
+        ctx.has_shared = shared is not None
+        ctx.save_for_backward(x, gate_up_proj, down_proj, gate_up, act, h, shared_gate, shared_up, shared_down,
+                              prob, *(shared or ()))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gate_up_proj, down_proj, gate_up, act, h = ctx.saved_tensors
-        need_x, need_gu, need_down = ctx.needs_input_grad[:3]
+        x, gate_up_proj, down_proj, gate_up, act, h, shared_gate, shared_up, shared_down, prob, *shared = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_x, need_gu, need_down, need_prob = need[0], need[1], need[2], need[9]
+        shared_weight, routed_weight = ctx.weights
         grad_out = grad_out.contiguous()
         inter = down_proj.shape[-1]
         grad_x = torch.empty_like(x) if need_x else None
+        grads_shared = [None, None, None]
+        if ctx.has_shared:
+            s_gate, s_up, s_act, s_h = shared
+            if need[6]:
+                grads_shared[2] = _mm(grad_out.t(), s_h, shared_weight)
+            d_sh = _mm(grad_out, shared_down, shared_weight)  # (N, I_shared)
+            d_s_up = d_sh * s_act
+            d_s_gate = torch.ops.aten.silu_backward(d_sh.mul_(s_up), s_gate)
+            if need[4]:
+                grads_shared[0] = torch.mm(d_s_gate.t(), x)
+            if need[5]:
+                grads_shared[1] = torch.mm(d_s_up.t(), x)
+            if grad_x is not None:
+                torch.mm(d_s_gate, shared_gate, out=grad_x)
+                _mm(d_s_up, shared_up, out=grad_x, accumulate=True)
         # Stacked weight gradients: used experts' slices are overwritten below, only unused ones need zeros.
         grad_gu_w = torch.empty_like(gate_up_proj) if need_gu else None
         grad_down_w = torch.empty_like(down_proj) if need_down else None
+        row_dot = x.new_empty(x.shape[0]) if need_prob else None  # <d out / d gate, grad> per row
         d_gate_up = torch.empty_like(gate_up)
         start = 0
         for expert, n in enumerate(ctx.sizes):
@@ -194,10 +241,12 @@ class _SiluExpertLoop(torch.autograd.Function):
             start += n
             g_out = grad_out[rows]
             if grad_down_w is not None:
-                torch.mm(g_out.t(), h[rows], out=grad_down_w[expert])
-            if not (need_x or need_gu):
+                _mm(g_out.t(), h[rows], routed_weight, out=grad_down_w[expert])
+            if not (need_x or need_gu or need_prob):
                 continue
-            d_h = torch.mm(g_out, down_proj[expert])  # (n, I)
+            d_h = _mm(g_out, down_proj[expert], routed_weight)  # (n, I)
+            if row_dot is not None:
+                torch.sum(d_h * h[rows], dim=-1, out=row_dot[rows])
             gate, up = gate_up[rows, :inter], gate_up[rows, inter:]
             d_gu = d_gate_up[rows]
             torch.mul(d_h, act[rows], out=d_gu[:, inter:])  # d up = d_h * silu(gate)
@@ -206,8 +255,32 @@ class _SiluExpertLoop(torch.autograd.Function):
             if grad_gu_w is not None:
                 torch.mm(d_gu.t(), x[rows], out=grad_gu_w[expert])
             if grad_x is not None:
-                torch.mm(d_gu, gate_up_proj[expert], out=grad_x[rows])
-        return grad_x, grad_gu_w, grad_down_w, None
+                _mm(d_gu, gate_up_proj[expert], out=grad_x[rows], accumulate=ctx.has_shared)
+        grad_prob = None
+        if row_dot is not None:
+            # d gate / d p = 1 / p.detach() for the straight-through gate p / p.detach().
+            grad_prob = row_dot.view(-1, ctx.rows_per_prob).sum(dim=1) / prob.detach()
+        return (grad_x, grad_gu_w, grad_down_w, None, *grads_shared, None, None, grad_prob, None)
+
+
+def silu_moe(x_sorted: torch.Tensor, experts: "StackedSwiGLUExperts", sizes: List[int], shared: Optional[nn.Module] = None,
+             shared_weight: float = 1.0, routed_weight: float = 1.0, prob: Optional[torch.Tensor] = None,
+             rows_per_prob: int = 1) -> torch.Tensor:
+    """`_SiluMoELoop` on rows grouped by expert: experts alone, or `shared_weight * shared(x) + routed_weight *
+    p/p.detach() * expert(x)` with a bias-free gate/up/down SwiGLU `shared` (see the Function's doc)."""
+    sg = su = sd = None
+    if shared is not None:
+        sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
+    return _SiluMoELoop.apply(x_sorted, experts.gate_up_proj, experts.down_proj, sizes, sg, su, sd,
+                              float(shared_weight), float(routed_weight), prob, rows_per_prob)
+
+
+def fusable_shared(shared: Optional[nn.Module]) -> bool:
+    """A shared expert `silu_moe` can fold in: bias-free gate_proj / up_proj / down_proj Linears."""
+    if shared is None:
+        return False
+    layers = [getattr(shared, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    return all(isinstance(m, nn.Linear) and m.bias is None for m in layers)
 
 
 class _PermuteRows(torch.autograd.Function):
