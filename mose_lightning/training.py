@@ -64,6 +64,10 @@ def _strategy(cfg: ExperimentConfig, model):
         from lightning.pytorch.strategies import FSDPStrategy
 
         wrap = model.adapter.fsdp_wrap_classes(model.backbone)
+        # FSDP flattens a wrapped decoder layer into one dtype: the float32 skill routers join their layer's dtype
+        # (a bf16 backbone's routers lose precision; DDP and single-device runs keep them in float32).
+        for block in model.layout.sequence_routed:
+            block.router.to(block.experts.gate_up_proj.dtype)
         return FSDPStrategy(
             auto_wrap_policy=wrap,
             activation_checkpointing_policy=wrap if cfg.trainer.activation_checkpointing else None,

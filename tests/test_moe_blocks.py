@@ -250,3 +250,20 @@ def test_fused_shared_and_routed_experts_match_the_separate_computation(dense, c
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     assert (results[0][2]["router.classifier.weight"] is not None) == router_trainable
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_skill_router_stays_float32_in_a_bf16_block(dense, fuse):
+    """bf16 would wreck a router whose large weights and bias cancel; the block still runs and trains in bf16."""
+    block = MoSEBlock.upcycle(dense.to(torch.bfloat16), 4, "silu", RoutingContext(), 0, "perception", 0,
+                              dispatch="loop")
+    block.fuse_shared = fuse
+    assert block.router.classifier.weight.dtype == torch.float32
+    assert block.experts.gate_up_proj.dtype == torch.bfloat16
+    x = torch.randn(3, 5, H, dtype=torch.bfloat16, requires_grad=True)
+    out = block(x)
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).sum().backward()
+    assert block.router.classifier.weight.grad.dtype == torch.float32
+    assert block.router.classifier.weight.grad.abs().sum() > 0
+    assert x.grad is not None and block.experts.gate_up_proj.grad is not None

@@ -434,6 +434,8 @@ def test_fsdp_strategy_wraps_layers_not_experts(root, routers):
     assert strategy.kwargs["use_orig_params"] is True
     assert strategy._state_dict_type == "full"
     assert strategy._activation_checkpointing_kwargs == {}
+    # One dtype per flattened layer: the (float32) skill routers take their layer's dtype under FSDP.
+    assert all(b.router.classifier.weight.dtype == b.experts.gate_up_proj.dtype for b in model.layout.sequence_routed)
 
     # What FSDP would wrap: every decoder layer and vision block of the backbone, and nothing inside an MoE block.
     targets = policy._run_policy(model.backbone, set(), {})

@@ -183,7 +183,7 @@ class MoSEBlock(_SequenceRoutedBlock):
     ) -> "MoSEBlock":
         weight = dense_mlp.gate_proj.weight
         experts = _upcycled_experts(dense_mlp, num_experts, activation, dispatch, combine if shared_expert else "weighted")
-        router = SequenceSkillRouter(weight.shape[1], num_experts, device=weight.device, dtype=weight.dtype)
+        router = SequenceSkillRouter(weight.shape[1], num_experts, device=weight.device)
         shared = copy.deepcopy(dense_mlp) if shared_expert else None
         return cls(shared, experts, router, context, level_index, level_name, layer_index, combine, shared_weight)
 

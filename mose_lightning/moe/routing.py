@@ -68,9 +68,12 @@ class SequenceSkillRouter(nn.Module):
     magnitude between layers of a pretrained LLM, and one learning rate should suit the router of every layer.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, device=None, dtype=None) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, device=None, dtype=torch.float32) -> None:
         super().__init__()
-        # Stored in the backbone's dtype (FSDP flattens a layer's parameters into one dtype), computed in float32.
+        # Float32 even in a bf16 model: a linear classifier on T_mean reads small deviations from a large common
+        # component, i.e. large weights and a bias that cancel each other, which bf16's 8-bit mantissa would wreck
+        # (logit errors of several units). Computed in float32. Under FSDP, whose flat parameters need one dtype per
+        # wrapped layer, the strategy casts routers to the layer's dtype (mose_lightning/training.py).
         self.classifier = nn.Linear(hidden_size, num_experts, bias=True, device=device, dtype=dtype)
         if self.classifier.weight.device.type != "meta":
             nn.init.normal_(self.classifier.weight, std=hidden_size**-0.5)
