@@ -30,7 +30,6 @@ from torch import nn
 
 from mose_lightning.moe.experts import (
     StackedSwiGLUExperts,
-    _use_grouped_mm,
     fusable_shared,
     permute_rows,
     silu_moe,
@@ -214,9 +213,7 @@ class MoSEBlock(_SequenceRoutedBlock):
         return self._combine(x, routed, self._routed_scale(route, routed.dtype))
 
     def _fused(self, x: torch.Tensor) -> bool:
-        return (self.fuse_shared and self.experts.activation == "silu" and fusable_shared(self.shared)
-                and not _use_grouped_mm(x, self.experts.dispatch))
-
+        return self.fuse_shared and fusable_shared(self.shared) and self.experts.runs_silu_loop(x)
 
     def _dispatch_plan(self, route: RouteDecision):
         """Sort order of the batch by expert, computed once per routing decision: cached decode steps reuse the

@@ -98,6 +98,10 @@ class StackedSwiGLUExperts(nn.Module):
             f"act={self.activation}, dispatch={self.dispatch}"
         )
 
+    def runs_silu_loop(self, x: torch.Tensor) -> bool:
+        """Whether rows like `x` take the hand-written silu loop (`silu_moe`), which can also fold in a shared expert."""
+        return self.activation == "silu" and not _use_grouped_mm(x, self.dispatch)
+
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, sizes: Optional[List[int]] = None) -> torch.Tensor:
         """Rows of `x_sorted` (N, H) are grouped by expert: the first counts[0] go to expert 0, and so on.
 
