@@ -267,3 +267,121 @@ def test_skill_router_stays_float32_in_a_bf16_block(dense, fuse):
     assert block.router.classifier.weight.grad.dtype == torch.float32
     assert block.router.classifier.weight.grad.abs().sum() > 0
     assert x.grad is not None and block.experts.gate_up_proj.grad is not None
+
+
+def _bf16_copy(block):
+    """The block with bf16 weights (routers kept float32, as a bf16 model keeps them)."""
+    copy_ = copy.deepcopy(block).to(torch.bfloat16)
+    for name, module in block.named_modules():
+        if name.endswith("router") and hasattr(module, "classifier"):
+            copy_.get_submodule(name).to(torch.float32)
+    return copy_
+
+
+@pytest.mark.parametrize("kind", ["mose", "mose_unfused", "group", "topk"])
+def test_blocks_under_bf16_autocast_compute_in_bf16_like_a_bf16_block(dense, kind):
+    """bf16-mixed: float32 weights, autocast on. The experts must run their matmuls in bf16 (as nn.Linear does
+    under autocast; the loop kernel's out= matmuls and grouped_mm are not autocast ops) while the skill router
+    stays float32. Reference: the same block with bf16 weights on a bf16 input, no autocast."""
+    ctx = RoutingContext(image_mask=torch.rand(4, 6, generator=torch.Generator().manual_seed(2)) > 0.5)
+    if kind == "topk":
+        block = TopKMoEBlock.upcycle(dense, 4, 1, "silu", ctx, 0, dispatch="loop")
+    else:
+        block = MoSEBlock.upcycle(dense, 4, "silu", ctx, 0, "perception", 0, dispatch="loop")
+        block.fuse_shared = kind != "mose_unfused"
+        if kind == "group":
+            block = ExpertGroupBlock.from_mose(block)
+    block = randomise(block)
+    reference = _bf16_copy(block)
+    x = torch.randn(4, 6, H)
+    grad = torch.randn(4, 6, H)
+
+    xin = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(xin)
+        if kind != "topk":
+            logits = block.router(torch.randn(4, H))
+            assert logits.dtype == torch.float32
+    assert out.dtype == torch.bfloat16
+    out.float().backward(grad)
+
+    x_ref = x.to(torch.bfloat16).requires_grad_()
+    out_ref = reference(x_ref)
+    out_ref.float().backward(grad)
+    torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=2e-2)
+    # Against the float32 computation the difference is of bf16 rounding size, not zero: the matmuls really ran in bf16.
+    with torch.no_grad():
+        fp32 = block(x)
+    assert (out.float() - fp32).abs().max() > 1e-4
+    torch.testing.assert_close(xin.grad.float(), x_ref.grad.float(), rtol=5e-2, atol=5e-2)
+    for (name, p), p_ref in zip(block.named_parameters(), reference.parameters()):
+        assert p.dtype == torch.float32, name
+        if p_ref.grad is None:
+            assert p.grad is None, name
+            continue
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad, p_ref.grad.float(), rtol=5e-2, atol=5e-2, msg=name)
+
+
+# ---- CUDA (skipped without a GPU; `make test-gpu` runs only these) ----------------------------------------
+needs_sm90 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="grouped_mm dispatch needs a CUDA GPU of compute capability 9.0 or newer",
+)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.cuda
+@needs_sm90
+@pytest.mark.parametrize("kind", ["mose", "group", "topk"])
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_cuda_grouped_mm_dispatch_matches_the_loop_kernel(kind, precision):
+    """On a Hopper GPU, grouped_mm runs on bf16 weights and on float32 weights under bf16 autocast (which
+    dispatch="auto" also takes there for more than 8 experts); it computes what the loop kernel computes (same
+    routing, bf16 rounding apart), forward and backward, and at initialisation the upcycled dense FFN's function."""
+    from mose_lightning.moe.experts import _use_grouped_mm
+
+    torch.manual_seed(0)
+    hidden, inter, batch, seq = 256, 512, 8, 64
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dense_ffn = SwiGLU(hidden, inter).cuda().to(dtype)
+    image = torch.rand(batch, seq, device="cuda") > 0.5
+    ctx = RoutingContext(image_mask=image)
+    if kind == "topk":
+        block = TopKMoEBlock.upcycle(dense_ffn, 4, 1, "silu", ctx, 0, dispatch="grouped_mm")
+    else:
+        block = MoSEBlock.upcycle(dense_ffn, 4, "silu", ctx, 0, "perception", 0, dispatch="grouped_mm")
+        if kind == "group":
+            block = ExpertGroupBlock.from_mose(block)
+    x = torch.randn(batch, seq, hidden, device="cuda", dtype=dtype) + torch.randn(batch, 1, hidden, device="cuda",
+                                                                                   dtype=dtype)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    with autocast:
+        assert _use_grouped_mm(x, "auto", 16) and not _use_grouped_mm(x, "auto", 8)
+        with torch.no_grad():
+            at_init = block(x)
+            reference = dense_ffn(x)
+    assert _rel_err(at_init, reference) < 1e-2
+
+    block = randomise(block)
+    loop = copy.deepcopy(block)
+    loop.experts.dispatch = "loop"
+    grad = torch.randn(batch, seq, hidden, device="cuda")
+    results = []
+    for b in (block, loop):
+        if hasattr(b, "last_route"):
+            b.last_route = None
+        xin = x.clone().requires_grad_()
+        with autocast:
+            out = b(xin)
+        out.float().backward(grad)
+        results.append((out, xin.grad, b.experts.gate_up_proj.grad, b.experts.down_proj.grad))
+    assert torch.equal(block.last_expert_counts, loop.last_expert_counts)  # the same routing
+    for got, want in zip(results[0], results[1]):
+        assert got.dtype == want.dtype
+        assert torch.isfinite(got).all()
+        assert _rel_err(got, want) < 1e-2

@@ -84,9 +84,13 @@ class SequenceSkillRouter(nn.Module):
         return pooled * torch.rsqrt(pooled.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, H) pooled hidden states -> (B, E) logits (float32)."""
+        """(B, H) pooled hidden states -> (B, E) logits (float32, also under bf16-mixed autocast)."""
         weight, bias = self.classifier.weight.float(), self.classifier.bias.float()
-        return F.linear(self.normalise(pooled.float()), weight, bias)
+        pooled = pooled.float()
+        if torch.is_autocast_enabled(pooled.device.type):
+            with torch.autocast(pooled.device.type, enabled=False):
+                return F.linear(self.normalise(pooled), weight, bias)
+        return F.linear(self.normalise(pooled), weight, bias)
 
 
 class TokenTopKRouter(nn.Module):
