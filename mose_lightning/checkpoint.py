@@ -31,32 +31,61 @@ META = "model.json"
 MODEL_DEFINING = ("backbone", "moe", "skills")
 
 
+# Module wrappers that FSDP and activation checkpointing insert into parameter names; state dicts leave them out.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_parameter_name(name: str) -> str:
+    """A parameter name as the unwrapped model and its state dict spell it."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def saved_parameter_names(model) -> set:
     """Backbone parameter names a checkpoint keeps: everything trainable and everything inside an MoE block.
-    The rest is the frozen backbone, rebuilt from its source when a model or a run is loaded."""
+    The rest is the frozen backbone, rebuilt from its source when a model or a run is loaded. Names are those of
+    the unwrapped model, also while FSDP or activation checkpointing wrap its layers."""
     block_ids = set(map(id, model.layout.blocks))
     moe_prefixes = tuple(f"{name}." for name, module in model.backbone.named_modules() if id(module) in block_ids)
-    return {name for name, param in model.backbone.named_parameters() if param.requires_grad or name.startswith(moe_prefixes)}
+    return {clean_parameter_name(name) for name, param in model.backbone.named_parameters()
+            if param.requires_grad or name.startswith(moe_prefixes)}
+
+
+def _backbone_state(model, full_state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Backbone parameters by clean name: `full_state` where given (the gathered state dict of an FSDP run, whose
+    live parameters are shards), else the live parameters."""
+    live = {clean_parameter_name(name): param for name, param in model.backbone.named_parameters()}
+    if full_state is None:
+        return live
+    # Parameters only (a state dict also holds buffers), each taken from the gathered state.
+    return {name: full_state[name] for name in live if name in full_state}
 
 
 def _saved_state(model, full_state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-    """The parameters `saved_parameter_names` keeps. `full_state` (backbone parameter name -> tensor) replaces the
-    live parameters when they are sharded, e.g. the gathered state dict of an FSDP run."""
-    source = full_state if full_state is not None else dict(model.backbone.named_parameters())
-    return {name: source[name].detach().to("cpu").contiguous() for name in sorted(saved_parameter_names(model))}
+    """The parameters `saved_parameter_names` keeps."""
+    source = _backbone_state(model, full_state)
+    names = sorted(saved_parameter_names(model))
+    missing = [name for name in names if name not in source]
+    if missing:
+        raise KeyError(f"cannot save the model: {len(missing)} trained tensors are missing from its state, e.g. {missing[:3]}")
+    return {name: source[name].detach().to("cpu").contiguous() for name in names}
 
 
-def backbone_fingerprint(model) -> str:
+def backbone_fingerprint(model, full_state: Optional[Dict[str, torch.Tensor]] = None, bf16: bool = True) -> str:
     """Identity of the frozen backbone weights: a hash of every frozen tensor's name, shape and 64 evenly spaced
     elements. Exact element values, not sums: a reduction's rounding depends on the thread count, and the same
-    weights must give the same fingerprint in every process."""
+    weights must give the same fingerprint in every process. The elements are rounded to bf16 first, so that a
+    model trained with precision=bf16-true (its backbone cast to bf16) loads into the float32 rebuild of the same
+    backbone; `bf16=False` gives the exact-value fingerprint of models saved before that rounding."""
     saved = saved_parameter_names(model)
     digest = hashlib.sha256()
-    for name, param in sorted(model.backbone.named_parameters(), key=lambda item: item[0]):
+    for name, param in sorted(_backbone_state(model, full_state).items(), key=lambda item: item[0]):
         if name in saved or param.device.type == "meta":
             continue
         flat = param.detach().flatten()
-        picked = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        picked = flat[:: max(1, flat.numel() // 64)][:64]
+        picked = (picked.to(torch.bfloat16) if bf16 else picked).float().cpu()
         digest.update(f"{name}{tuple(param.shape)}".encode())
         digest.update(picked.numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -75,7 +104,7 @@ def save_model(model, directory: str | os.PathLike, full_state: Optional[Dict[st
             "kind": model.cfg.moe.kind,
             "saved_tensors": len(state),
             "saved_parameters": int(sum(t.numel() for t in state.values())),
-            "backbone_fingerprint": backbone_fingerprint(model),
+            "backbone_fingerprint": backbone_fingerprint(model, full_state),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         if directory.exists():
@@ -157,7 +186,7 @@ def load_model(directory: str | os.PathLike, expected: Optional[ExperimentConfig
     model = build_model(cfg, load_routers=False)
     _load_state_into(model.backbone, load_file(str(directory / WEIGHTS)), str(directory))
     meta = json.loads((directory / META).read_text())
-    if meta.get("backbone_fingerprint") != backbone_fingerprint(model):
+    if meta.get("backbone_fingerprint") not in (backbone_fingerprint(model), backbone_fingerprint(model, bf16=False)):
         raise ConfigError(
             f"{directory}: the backbone rebuilt from backbone.{('path' if cfg.backbone.path else 'toy')} is not the "
             f"one this model was trained on (fingerprint {backbone_fingerprint(model)} != {meta.get('backbone_fingerprint')})"

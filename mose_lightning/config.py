@@ -108,7 +108,8 @@ class MoEConfig:
     router_checkpoint: Optional[str] = None
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
-    # auto | grouped_mm | loop: expert matmul dispatch. auto takes grouped_mm on CUDA bf16 SM90+.
+    # auto | grouped_mm | loop: expert matmul dispatch. auto takes the per-expert loop, and grouped_mm on CUDA bf16
+    # SM90+ for more than 8 experts (see mose_lightning/moe/experts.py for the measurements).
     dispatch: str = "auto"
     # Group size for expert_group (one expert for image tokens, one for text tokens).
     group_size: int = 2
@@ -235,6 +236,14 @@ class TrainerConfig:
         _choice("trainer", "precision", self.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"])
         _choice("trainer", "nonfinite", self.nonfinite, ["stop", "skip"])
         _positive("trainer", "max_steps", self.max_steps)
+        if self.strategy == "fsdp" and self.precision == "bf16-true" and str(self.devices) == "1" and self.num_nodes == 1:
+            # Measured on an H100 (torch 2.11): FSDP on one device runs unsharded, and its parameter views then
+            # break on the tied embeddings of Qwen2-VL after the first forward. bf16-mixed runs there.
+            raise ConfigError(
+                "trainer.strategy=fsdp with trainer.precision=bf16-true on one device fails inside torch FSDP "
+                "(unsharded flat parameters with tied embeddings): use trainer.precision=bf16-mixed, or "
+                "trainer.strategy=auto on a single GPU"
+            )
 
 
 @dataclass

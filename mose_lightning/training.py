@@ -18,6 +18,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import HalfPrecision
 
 from mose_lightning.config import ExperimentConfig, save_config
 from mose_lightning.io import atomic_write_json
@@ -78,7 +79,30 @@ def _strategy(cfg: ExperimentConfig, model):
     return name
 
 
-def _devices(value: str):
+class _BF16TrueFloat32Routers(HalfPrecision):
+    """Lightning's "bf16-true" casts the whole model; the skill routers go back to float32 right after (before DDP
+    wraps the model and the optimiser sees them), as the model keeps them (see SequenceSkillRouter)."""
+
+    def __init__(self, routers: List[torch.nn.Module]) -> None:
+        super().__init__("bf16-true")
+        self._routers = routers
+
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        module = super().convert_module(module)
+        for router in self._routers:
+            router.to(torch.float32)
+        return module
+
+
+def precision_and_plugins(cfg: ExperimentConfig, model) -> tuple:
+    """(the Trainer's precision argument, extra plugins). FSDP flattens routers into their layer (see _strategy)."""
+    t = cfg.trainer
+    if t.precision == "bf16-true" and t.strategy != "fsdp" and model is not None:
+        return None, [_BF16TrueFloat32Routers([block.router for block in model.layout.sequence_routed])]
+    return t.precision, []
+
+
+def devices_arg(value: str):
     value = str(value)
     if value == "auto" or value.startswith("[") or "," in value:
         return value
@@ -99,12 +123,13 @@ def make_trainer(cfg: ExperimentConfig, run_dir: Path, model=None, callbacks: Op
     # A plain tqdm bar: readable in a terminal and in a log file alike (the rich bar shows nothing in a pipe).
     progress = TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps))
     all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), progress] + list(callbacks or [])
+    precision, precision_plugins = precision_and_plugins(cfg, model)
     return pl.Trainer(
         accelerator=t.accelerator,
-        devices=_devices(t.devices),
+        devices=devices_arg(t.devices),
         num_nodes=t.num_nodes,
         strategy=_strategy(cfg, model) if model is not None else t.strategy,
-        precision=t.precision,
+        precision=precision,
         max_steps=max_steps or t.max_steps,
         max_epochs=-1,
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -116,7 +141,7 @@ def make_trainer(cfg: ExperimentConfig, run_dir: Path, model=None, callbacks: Op
         num_sanity_val_steps=0,
         logger=TensorBoardLogger(str(run_dir), name="tb", version=""),
         callbacks=all_callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO()] + precision_plugins,
         default_root_dir=str(run_dir),
         enable_model_summary=False,
     )

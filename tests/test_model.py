@@ -7,6 +7,7 @@ Batches are real: synthetic shards -> DriveDataModule -> SampleEncoder -> collat
 from __future__ import annotations
 
 import json
+import copy
 import os
 import subprocess
 import sys
@@ -284,6 +285,31 @@ def test_save_load_round_trip_is_bit_identical(saved, batch):
     assert [r.expert for r in loaded.skill_chain()] == [r.expert for r in model.skill_chain()]
 
 
+def test_saving_a_model_whose_layers_are_wrapped_as_under_fsdp(saved, batch, tmp_path):
+    """FSDP and activation checkpointing wrap decoder layers and put their wrappers into parameter names; what is
+    saved, the backbone fingerprint and the loaded model are the unwrapped model's, given the gathered state."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from mose_lightning.checkpoint import backbone_fingerprint, saved_parameter_names
+
+    model, directory, logits = saved
+    wrapped = copy.deepcopy(model)
+    layers = wrapped.adapter.decoder_layers(wrapped.backbone)
+    for i in range(len(layers)):
+        layers[i] = checkpoint_wrapper(layers[i])
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.backbone.named_parameters())
+    assert saved_parameter_names(wrapped) == saved_parameter_names(model)
+    gathered = copy.deepcopy(model.backbone.state_dict())  # what an FSDP run gathers: clean names
+    assert backbone_fingerprint(wrapped, gathered) == backbone_fingerprint(model)
+    again = save_model(wrapped, tmp_path / "model", full_state=gathered)
+    with torch.no_grad():
+        assert torch.equal(load_model(again, expected=model.cfg)(batch).logits, logits)
+    incomplete = {k: v for k, v in gathered.items() if not k.endswith("experts.down_proj")}
+    with pytest.raises(KeyError, match="missing from its state"):
+        save_model(wrapped, tmp_path / "broken", full_state=incomplete)
+    assert not (tmp_path / "broken").exists()
+
+
 def test_loading_into_a_different_architecture_names_the_key(saved, make_config):
     _, directory, _ = saved
     with pytest.raises(ConfigError, match=r"moe\.num_experts: checkpoint 4 vs config 8"):
@@ -324,6 +350,15 @@ def test_loading_a_directory_without_weights_is_a_clear_error(saved, tmp_path):
 def test_bad_override_names_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(PROJECT / "configs/experiment/toy_mose.yaml", [override])
+
+
+def test_single_device_fsdp_in_bf16_true_is_refused_with_the_alternatives():
+    toy = PROJECT / "configs/experiment/toy_mose.yaml"
+    with pytest.raises(ConfigError, match=r"trainer\.strategy=fsdp with trainer\.precision=bf16-true.*bf16-mixed"):
+        load_config(toy, ["trainer.strategy=fsdp", "trainer.precision=bf16-true"])
+    for ok in (["trainer.strategy=fsdp", "trainer.precision=bf16-mixed"],
+               ["trainer.strategy=fsdp", "trainer.precision=bf16-true", "trainer.devices=8"]):
+        assert load_config(toy, ok).trainer.strategy == "fsdp"
 
 
 def test_bad_yaml_value_names_file_and_key(tmp_path):

@@ -452,6 +452,69 @@ def test_fsdp_strategy_wraps_layers_not_experts(root, routers):
     assert set(strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes) == classes
 
 
+def test_bf16_true_training_keeps_skill_routers_float32(root, routers):
+    """precision=bf16-true casts the model to bf16, the skill routers excepted: the saved model holds bf16 experts
+    and float32 routers (trained here, so in the optimiser as float32)."""
+    from safetensors.torch import load_file
+
+    run_dir = root / "bf16_true"
+    run_in_process("sft", TOY, base_overrides(root) + [
+        f"run_dir={run_dir}", f"moe.router_checkpoint={routers / 'routers.pt'}", "moe.router_trainable=true",
+        "trainer.precision=bf16-true", "trainer.max_steps=2", "trainer.val_every_n_steps=2"])
+    weights = load_file(str(run_dir / "model" / "weights.safetensors"))
+    router_keys = [k for k in weights if ".router." in k]
+    expert_keys = [k for k in weights if k.endswith("experts.gate_up_proj")]
+    assert router_keys and expert_keys
+    assert {weights[k].dtype for k in router_keys} == {torch.float32}
+    assert {weights[k].dtype for k in expert_keys} == {torch.bfloat16}
+    assert math.isfinite(read_json(run_dir / "metrics.json")["train/loss"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("strategy,precision,checkpointing", [
+    ("fsdp", "bf16-mixed", True), ("fsdp", "bf16-mixed", False), ("auto", "bf16-true", False)])
+def test_gpu_sft_trains_resumes_saves_and_evaluates(root, routers, strategy, precision, checkpointing):
+    """The GPU paths a user runs: SFT on one GPU under FSDP (with gradient clipping, optionally activation
+    checkpointing) or a single device, in bf16; a restarted run resumes from last.ckpt; the saved model holds every
+    trained tensor in full (FSDP gathers it) and loads on the CPU; evaluation generates on the GPU from it."""
+    from safetensors.torch import load_file
+
+    from mose_lightning.checkpoint import load_model
+
+    run_dir = root / f"gpu_{strategy}_{precision}_{'ckpt' if checkpointing else 'plain'}"
+    args = [MOSE, "sft", "--config", str(TOY), *base_overrides(root), f"run_dir={run_dir}",
+            f"moe.router_checkpoint={routers / 'routers.pt'}", "moe.router_trainable=true",
+            "trainer.accelerator=gpu", "trainer.devices=1", f"trainer.strategy={strategy}",
+            f"trainer.precision={precision}", f"trainer.activation_checkpointing={str(checkpointing).lower()}",
+            "trainer.gradient_clip_val=1.0", "trainer.checkpoint_every_n_steps=2", "trainer.val_every_n_steps=4"]
+    run_cmd(args + ["trainer.max_steps=4"])
+    assert _ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 4
+    out = run_cmd(args + ["trainer.max_steps=6"])
+    assert "Restoring states from the checkpoint path" in out, out[-4000:]
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["steps"] == 6 and math.isfinite(metrics["train/loss"])
+
+    weights = load_file(str(run_dir / "model" / "weights.safetensors"))
+    model = load_model(run_dir / "model")  # on the CPU
+    trained = {n: p for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trained and set(trained) <= set(weights)
+    for name, tensor in weights.items():
+        assert torch.isfinite(tensor.float()).all(), name
+    experts = [n for n in weights if n.endswith("experts.down_proj")]
+    assert experts and all(weights[n].shape == dict(model.backbone.named_parameters())[n].shape for n in experts)
+    # Routers stay float32 except under FSDP, whose flat parameters take the layer's dtype.
+    router_dtypes = {weights[n].dtype for n in weights if ".router." in n}
+    assert router_dtypes == {torch.float32}
+
+    eval_dir = run_dir.with_name(run_dir.name + "_eval")
+    run_cmd([MOSE, "eval", "--config", str(TOY), *base_overrides(root), f"run_dir={eval_dir}",
+             f"checkpoint={run_dir}", "trainer.accelerator=gpu", "trainer.devices=1", f"trainer.precision={precision}",
+             "eval.limit=0", "eval.max_new_tokens=6"])
+    records = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines() if line]
+    assert sorted(r["key"] for r in records) == shard_keys(root / "syn" / "rule" / "test")
+
+
 # ---- 6. router accuracy with the default toy config ------------------------------------------------------
 @pytest.mark.toy_quality
 def test_router_pretrain_default_toy_accuracy(tmp_path):

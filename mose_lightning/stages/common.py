@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 
 import lightning.pytorch as pl
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from mose_lightning.checkpoint import saved_parameter_names
 from mose_lightning.config import ExperimentConfig
@@ -69,17 +70,37 @@ class FineTuneModule(pl.LightningModule):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        root = self.trainer.strategy.model
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm" and isinstance(root, FSDP):
+            # Each rank holds a shard of the gradients: only the root FSDP module can compute the global norm
+            # (Lightning's FSDP precision plugin refuses norm clipping for that reason).
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # ---- checkpoints hold only what trains -----------------------------------------------------------------
+    def _trained_keys(self, checkpoint: Dict[str, Any]) -> set:
+        """The state-dict keys a checkpoint keeps; a KeyError if the checkpoint lacks any (a run resumed without
+        them would go on from untrained weights without a word)."""
+        keep = {f"model.backbone.{name}" for name in saved_parameter_names(self.model)}
+        missing = keep - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"checkpoint state lacks {len(missing)} trained tensors of this model, e.g. {sorted(missing)[:3]}")
+        return keep
+
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # The frozen backbone is rebuilt from its source on resume; storing it would multiply checkpoint size.
-        keep = {f"model.backbone.{name}" for name in saved_parameter_names(self.model)}
+        keep = self._trained_keys(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
+    # Checkpoints leave the frozen tensors out, so Lightning's load cannot be strict (FSDP loads the module state
+    # before any hook could fill them in); on_load_checkpoint checks instead that every trained tensor is there.
+    strict_loading = False
+
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        # Fill in the frozen tensors so Lightning's strict load finds every key.
-        state = checkpoint["state_dict"]
-        for name, tensor in self.state_dict().items():
-            state.setdefault(name, tensor)
+        if "state_dict" in checkpoint:  # FSDP has loaded (and removed) it already; on_save_checkpoint checked it
+            self._trained_keys(checkpoint)
 
     # ---- steps ------------------------------------------------------------------------------------------
     def _loss(self, batch: Dict[str, Any]):

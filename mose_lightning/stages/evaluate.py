@@ -26,7 +26,7 @@ from mose_lightning.evaluation.report import write_results
 from mose_lightning.io import atomic_write_json, atomic_write_text
 from mose_lightning.params import parameter_report
 from mose_lightning.stages.sft import model_dir_of
-from mose_lightning.training import apply_threads, is_global_zero, run_dir_for
+from mose_lightning.training import apply_threads, devices_arg, is_global_zero, precision_and_plugins, run_dir_for
 
 
 def chain_records(model, index: int) -> List[Dict[str, Any]]:
@@ -178,8 +178,9 @@ def run_eval(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
     loader = datamodule.generation_dataloader(cfg.eval.split)
     module = GenerationModule(model, cfg, parts_dir)
     t = cfg.trainer
-    trainer = pl.Trainer(accelerator=t.accelerator, devices=int(t.devices) if str(t.devices).isdigit() else t.devices,
-                         strategy=t.strategy, precision=t.precision, logger=False, enable_checkpointing=False,
+    precision, plugins = precision_and_plugins(cfg, model)
+    trainer = pl.Trainer(accelerator=t.accelerator, devices=devices_arg(t.devices), strategy=t.strategy,
+                         precision=precision, plugins=plugins, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, limit_predict_batches=(-(-cfg.eval.limit // cfg.data.eval_batch_size)
                                                                             if cfg.eval.limit else 1.0))
     trainer.predict(module, loader, return_predictions=False)
