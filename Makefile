@@ -10,7 +10,7 @@ CONFIG      ?= configs/experiment/toy_mose.yaml
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-quality demo pretrain-router sft expert-group eval bench reproduce-toy clean
+.PHONY: install test test-quality test-gpu demo pretrain-router sft expert-group eval bench bench-gpu reproduce-toy clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: install
 
 test-quality: install
 	$(PY) -m pytest -q -m toy_quality $(PYTEST_ARGS)
+
+# Only the tests that need a CUDA GPU (bf16 kernels, FSDP, GPU training/eval); `make test` skips them without one.
+# Install a CUDA torch first, e.g. make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+test-gpu: install
+	$(PY) -m pytest -q -m cuda $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/mose demo --config $(CONFIG) $(ARGS)
@@ -48,6 +53,10 @@ eval: install
 
 bench: install
 	$(PY) -m benchmarks.run_all
+
+# The GPU benchmarks in bf16 (results in benchmarks/results/cuda/).
+bench-gpu: install
+	$(PY) -m benchmarks.run_all --only moe_layer,generate,memory --results-dir benchmarks/results/cuda -- --device cuda --dtype bfloat16 --repeats 20 --warmup 3
 
 reproduce-toy: install
 	$(VENV)/bin/mose reproduce-toy $(ARGS)

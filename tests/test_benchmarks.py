@@ -32,7 +32,24 @@ def test_moe_layer_json_structure(capsys):
     eq = result["equivalence"]["tiny"]
     assert eq["ok"] and set(eq["max_rel_error_vs_upcycled_ffn"]) == set(moe_layer.VARIANTS) - {"dense"}
     assert sum(result["routing"]["tiny"]["mose"]) == 4 * 8
-    assert set(result["goals_met"]["tiny"]) == set(moe_layer.GOALS)
+    assert set(result["goals_met"]["tiny"]) == set(moe_layer.GOALS["cpu"])
+
+
+def test_moe_layer_grouped_mm_variants_and_profile(capsys):
+    """The *_grouped_mm variants (CUDA defaults, opt-in on CPU) run and check out; --profile keeps the costliest
+    ops of one step per variant, after a total."""
+    names = ",".join(moe_layer.GROUPED_VARIANTS)
+    assert moe_layer.main(["--tiny", "--json", "--variants", names, "--profile", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["results"]["tiny"]) == {"dense", *moe_layer.GROUPED_VARIANTS}
+    assert result["equivalence"]["tiny"]["ok"]
+    assert sum(result["routing"]["tiny"]["mose_grouped_mm"]) == 4 * 8
+    profile = result["profile"]["tiny"]
+    assert set(profile) == {"dense", *moe_layer.GROUPED_VARIANTS}
+    for ops in profile.values():
+        assert len(ops) == 4 and ops[0]["name"].startswith("TOTAL")
+        assert all(op["self_ms"] >= 0 and op["calls"] >= 1 for op in ops)
+        assert ops[0]["self_ms"] >= max(op["self_ms"] for op in ops[1:])
 
 
 def test_table_output(capsys):
