@@ -16,7 +16,9 @@ Variants (all upcycled from one dense SwiGLU of width I, the FFN they replace, a
 
 Every step: route (the decoder-layer hook's job, for the sequence-routed blocks), forward, backward of a fixed
 random output gradient (+ the top-k aux losses) into the input and every parameter, all trainable. Variants are
-timed interleaved in one process (see benchmarks/common.py); ratio_vs_dense = median(variant) / median(dense).
+timed interleaved in one process (see benchmarks/common.py); ratio_vs_dense = median(variant) / median(dense), the
+ratio the goals use; min_ratio_vs_dense = min(variant) / min(dense), the cost without this machine's slow repeats
+(on a shared CPU, first-touch page faults of fresh gradient memory vary widely between repeats).
 Before timing, every MoE variant is checked to compute the dense FFN's function at initialisation (upcycling).
 """
 
@@ -346,12 +348,12 @@ def run(args) -> dict:
         timings = time_interleaved(
             {k: v.step for k, v in variants.items()}, repeats, warmup, device, after_each=drop_grads
         )
-        dense_s = timings["dense"]["median_s"]
+        dense_s, dense_min_s = timings["dense"]["median_s"], timings["dense"]["min_s"]
         per_variant = {}
         for name, t in timings.items():
             per_variant[name] = {
                 "median_s": t["median_s"], "ratio_vs_dense": t["median_s"] / dense_s, "min_s": t["min_s"],
-                "times_s": t["times_s"],
+                "min_ratio_vs_dense": t["min_s"] / dense_min_s, "times_s": t["times_s"],
             }
         result["results"][size] = per_variant
         routing = {k: [int(c) for c in v.routing().tolist()] for k, v in variants.items() if v.routing is not None}
@@ -413,6 +415,7 @@ def table(result: dict) -> str:
                 "variant": name,
                 "median_ms": 1e3 * r["median_s"],
                 "ratio_vs_dense": r["ratio_vs_dense"],
+                "min_ratio": r["min_ratio_vs_dense"],
                 "goal": f"<= {goal:.2f}" + (" ok" if met else " MISSED") if goal else "",
                 "rows/expert": " ".join(str(c) for c in result["routing"][size].get(name, [])),
             })
@@ -425,7 +428,7 @@ def table(result: dict) -> str:
         f"{size}: " + ("ok" if e["ok"] else "FAILED") + f" (max rel err {max(e['max_rel_error_vs_upcycled_ffn'].values(), default=0):.1e})"
         for size, e in result["equivalence"].items()
     )
-    cols = ["size", "variant", "median_ms", "ratio_vs_dense", "goal", "rows/expert"]
+    cols = ["size", "variant", "median_ms", "ratio_vs_dense", "min_ratio", "goal", "rows/expert"]
     return f"{head}\n{format_table(rows, cols)}\nupcycled == dense FFN at init: {eq}"
 
 

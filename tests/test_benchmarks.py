@@ -28,7 +28,9 @@ def test_moe_layer_json_structure(capsys):
     assert set(per_variant) == set(moe_layer.VARIANTS)
     for name, r in per_variant.items():
         assert r["median_s"] > 0 and r["ratio_vs_dense"] > 0
-    assert per_variant["dense"]["ratio_vs_dense"] == 1.0
+        assert r["min_s"] == pytest.approx(min(r["times_s"]), abs=1e-6)
+        assert r["min_ratio_vs_dense"] == pytest.approx(r["min_s"] / per_variant["dense"]["min_s"])
+    assert per_variant["dense"]["ratio_vs_dense"] == 1.0 and per_variant["dense"]["min_ratio_vs_dense"] == 1.0
     eq = result["equivalence"]["tiny"]
     assert eq["ok"] and set(eq["max_rel_error_vs_upcycled_ffn"]) == set(moe_layer.VARIANTS) - {"dense"}
     assert sum(result["routing"]["tiny"]["mose"]) == 4 * 8
