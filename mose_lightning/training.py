@@ -65,8 +65,9 @@ def _strategy(cfg: ExperimentConfig, model):
         from lightning.pytorch.strategies import FSDPStrategy
 
         wrap = model.adapter.fsdp_wrap_classes(model.backbone)
-        # FSDP flattens a wrapped decoder layer into one dtype: the float32 skill routers join their layer's dtype
-        # (a bf16 backbone's routers lose precision; DDP and single-device runs keep them in float32).
+        # FSDP flattens a wrapped decoder layer into one dtype: the float32 skill routers join their layer's dtype.
+        # Under bf16-mixed, Lightning's FSDP policy also computes them from bf16 copies (param_dtype=bf16); DDP and
+        # single-device runs keep them in float32 (README, Multi-GPU).
         for block in model.layout.sequence_routed:
             block.router.to(block.experts.gate_up_proj.dtype)
         return FSDPStrategy(
