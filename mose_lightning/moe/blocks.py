@@ -222,8 +222,11 @@ class MoSEBlock(_SequenceRoutedBlock):
         if cached is not None and cached[0] is route:
             return cached[1:]
         order, inverse, counts = sort_rows_by_expert(route.expert, self.experts.num_experts)
-        is_sorted = bool(torch.equal(order, torch.arange(order.numel(), device=order.device)))
-        self._plan = (route, order, inverse, counts, counts.tolist(), is_sorted)
+        # One device-to-host copy for the row counts and whether the batch is already in expert order: on a GPU
+        # each copy drains the queue, and the GPU then idles while the next kernels are launched.
+        in_order = (order == torch.arange(order.numel(), device=order.device)).all()
+        *sizes, is_sorted = torch.cat([counts, in_order.view(1).to(counts.dtype)]).tolist()
+        self._plan = (route, order, inverse, counts, sizes, bool(is_sorted))
         return self._plan[1:]
 
 
