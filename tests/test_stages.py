@@ -414,7 +414,7 @@ def test_nonfinite_skip_continues(root, routers, monkeypatch, capsys):
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
 
-# ---- 5. FSDP strategy (CUDA-only in Lightning: construction checked on CPU) -------------------------------
+# ---- 5. FSDP strategy (CUDA-only in Lightning: construction checked on CPU, runs in the `cuda` tests) -------
 def test_fsdp_strategy_wraps_layers_not_experts(root, routers):
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
