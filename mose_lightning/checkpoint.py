@@ -186,10 +186,11 @@ def load_model(directory: str | os.PathLike, expected: Optional[ExperimentConfig
     model = build_model(cfg, load_routers=False)
     _load_state_into(model.backbone, load_file(str(directory / WEIGHTS)), str(directory))
     meta = json.loads((directory / META).read_text())
-    if meta.get("backbone_fingerprint") not in (backbone_fingerprint(model), backbone_fingerprint(model, bf16=False)):
+    fingerprints = (backbone_fingerprint(model), backbone_fingerprint(model, bf16=False))
+    if meta.get("backbone_fingerprint") not in fingerprints:
         raise ConfigError(
             f"{directory}: the backbone rebuilt from backbone.{('path' if cfg.backbone.path else 'toy')} is not the "
-            f"one this model was trained on (fingerprint {backbone_fingerprint(model)} != {meta.get('backbone_fingerprint')})"
+            f"one this model was trained on (fingerprint {fingerprints[0]} != {meta.get('backbone_fingerprint')})"
         )
     return model
 

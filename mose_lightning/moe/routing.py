@@ -86,11 +86,8 @@ class SequenceSkillRouter(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, H) pooled hidden states -> (B, E) logits (float32, also under bf16-mixed autocast)."""
         weight, bias = self.classifier.weight.float(), self.classifier.bias.float()
-        pooled = pooled.float()
-        if torch.is_autocast_enabled(pooled.device.type):
-            with torch.autocast(pooled.device.type, enabled=False):
-                return F.linear(self.normalise(pooled), weight, bias)
-        return F.linear(self.normalise(pooled), weight, bias)
+        with torch.autocast(pooled.device.type, enabled=False):
+            return F.linear(self.normalise(pooled.float()), weight, bias)
 
 
 class TokenTopKRouter(nn.Module):
