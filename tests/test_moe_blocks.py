@@ -9,6 +9,7 @@ from torch import nn
 
 from mose_lightning.moe import (
     ExpertGroupBlock,
+    ExpertSlots,
     MoSEBlock,
     RoutingContext,
     StackedSwiGLUExperts,
@@ -250,6 +251,70 @@ def test_fused_shared_and_routed_experts_match_the_separate_computation(dense, c
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     assert (results[0][2]["router.classifier.weight"] is not None) == router_trainable
+
+
+def test_expert_slots_lay_rows_out_per_expert_with_padding():
+    # Rows 0, 2, 3 go to expert 2 and row 1 to expert 1; experts 0 and 3 get nothing, so the slots span experts 1-2
+    # with capacity 3: expert 1 holds row 1 then two padding slots (reading row 0), expert 2 rows 0, 2, 3.
+    slots = ExpertSlots.plan(torch.tensor([2, 1, 2, 2]), [0, 1, 3, 0])
+    assert (slots.first, slots.end, slots.capacity, slots.num_slots) == (1, 3, 3, 6)
+    assert slots.slot_row.tolist() == [1, 0, 0, 0, 2, 3]
+    assert slots.row_slot.tolist() == [3, 0, 4, 5]
+    with pytest.raises(ValueError, match="at least one row"):
+        ExpertSlots.plan(torch.tensor([], dtype=torch.long), [0, 0])
+
+
+@pytest.mark.parametrize("shared_expert", [True, False])
+def test_slot_path_matches_the_per_expert_reference(dense, shared_expert):
+    torch.manual_seed(5)
+    block = randomise(MoSEBlock.upcycle(dense, 5, "silu", RoutingContext(), 0, "perception", 0, shared_expert))
+    experts = block.experts
+    expert_of_row = torch.tensor([3, 1, 3, 2, 1, 3, 3])  # experts 0 and 4 empty, expert 3 pads the others
+    sizes = torch.bincount(expert_of_row, minlength=5).tolist()
+    x = torch.randn(7, H)
+    slots = ExpertSlots.plan(expert_of_row, sizes)
+    reference = torch.stack([expert_fn(experts, int(e), x[i]) for i, e in enumerate(expert_of_row)])
+    with torch.no_grad():
+        torch.testing.assert_close(experts.forward_slots(x, slots), reference, rtol=1e-5, atol=1e-6)
+        if shared_expert:
+            torch.testing.assert_close(experts.forward_slots(x, slots, block.shared, 0.3, 0.7),
+                                       0.3 * block.shared(x) + 0.7 * reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("combine", ["weighted", "sum"])
+@pytest.mark.parametrize("shared_expert", [True, False])
+def test_mose_inference_on_few_rows_takes_the_slot_path_with_the_same_result(dense, combine, shared_expert):
+    """Decode steps (one row per sample, the prompt's route reused) and short inference batches run the slot path;
+    it computes what the loop kernel computes, and its layout is prepared once per routing decision."""
+    ctx = RoutingContext()
+    block = randomise(MoSEBlock.upcycle(dense, 4, "silu", ctx, 0, "perception", 0, shared_expert, combine))
+    with torch.no_grad():
+        block.router.classifier.weight.normal_(std=3.0)
+        if shared_expert:
+            block.shared.down_proj.weight.normal_(std=0.3)
+    loop = copy.deepcopy(block)
+    loop.SLOT_MAX_ROWS = 0
+    torch.manual_seed(7)
+    prompt = torch.randn(6, 5, H) + 3 * torch.randn(6, 1, H)
+    step = torch.randn(6, 1, H)
+    with torch.no_grad():
+        for b in (block, loop):
+            b.route(prompt)
+        assert len(set(block.last_route.expert.tolist())) > 1
+        torch.testing.assert_close(block(prompt), loop(prompt), rtol=1e-5, atol=1e-6)  # 5 rows per sample
+        ctx.decoding = True
+        outputs = [block(step), loop(step)]
+        plan = block._slot_plan
+        assert block(step) is not None and block._slot_plan is plan  # reused on the next step
+    assert not hasattr(loop, "_slot_plan")
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    # Training never takes it: with gradients on, the loop kernel runs (and the router gets its gradient).
+    trained = copy.deepcopy(block)
+    del trained._slot_plan
+    ctx.decoding = False
+    trained.route(prompt)
+    trained(step.requires_grad_()).sum().backward()
+    assert not hasattr(trained, "_slot_plan") and step.grad is not None
 
 
 @pytest.mark.parametrize("fuse", [True, False])

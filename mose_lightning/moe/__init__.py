@@ -1,7 +1,7 @@
 """Backbone-agnostic mixture-of-experts building blocks: stacked experts, routers, MoSE / expert-group / top-k."""
 
 from mose_lightning.moe.blocks import ExpertGroupBlock, MoSEBlock, TopKMoEBlock
-from mose_lightning.moe.experts import StackedSwiGLUExperts, sort_rows_by_expert
+from mose_lightning.moe.experts import ExpertSlots, StackedSwiGLUExperts, sort_rows_by_expert
 from mose_lightning.moe.routing import (
     RouteDecision,
     RoutingContext,
@@ -16,6 +16,7 @@ __all__ = [
     "ExpertGroupBlock",
     "MoSEBlock",
     "TopKMoEBlock",
+    "ExpertSlots",
     "StackedSwiGLUExperts",
     "sort_rows_by_expert",
     "RouteDecision",

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mose_lightning.moe.experts import (
+    ExpertSlots,
     StackedSwiGLUExperts,
     fusable_shared,
     permute_rows,
@@ -189,14 +190,21 @@ class MoSEBlock(_SequenceRoutedBlock):
     # Shared and routed experts in one pass (`silu_moe`) where the kernels allow it (silu experts on the loop
     # path, a bias-free gate/up/down shared expert); False computes them apart and combines (the reference).
     fuse_shared: bool = True
+    # Inference with at most this many rows per expert (cached decode steps: one row per sequence) takes the
+    # experts' slot path: a fixed handful of ops instead of a matmul chain per expert. On rows this few the
+    # per-op overhead is the cost, not the FLOPs; training and prefill keep the loop.
+    SLOT_MAX_ROWS: int = 64
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
         route = self._current_route(x)
         order, inverse, counts, sizes, is_sorted = self._dispatch_plan(route)
+        if self.last_expert_counts is not counts:  # (a module attribute write costs microseconds per decode step)
+            self.last_expert_counts = counts
+        if not torch.is_grad_enabled() and max(sizes) * seq <= self.SLOT_MAX_ROWS:
+            return self._forward_slots(x, route, sizes)
         # Whole sequences go to one expert: sort the batch by expert, then each expert's rows are contiguous.
         rows = x if is_sorted else permute_rows(x, order, inverse)
-        self.last_expert_counts = counts.detach()
         row_sizes = [n * seq for n in sizes]
         if self._fused(x):
             prob = None
@@ -214,6 +222,22 @@ class MoSEBlock(_SequenceRoutedBlock):
 
     def _fused(self, x: torch.Tensor) -> bool:
         return self.fuse_shared and fusable_shared(self.shared) and self.experts.runs_silu_loop(x)
+
+    def _forward_slots(self, x: torch.Tensor, route: RouteDecision, sizes) -> torch.Tensor:
+        """Inference on few rows per expert through the experts' slot path. Its layout, and whether the shared
+        expert folds in, are prepared once per routing decision: cached decode steps only run the matmuls."""
+        batch, seq, hidden = x.shape
+        cached = self.__dict__.get("_slot_plan")
+        if cached is None or cached[0] is not route or cached[1] != seq:
+            expert_of_row = route.expert.repeat_interleave(seq) if seq > 1 else route.expert
+            slots = ExpertSlots.plan(expert_of_row, [n * seq for n in sizes])
+            shared = self.shared if fusable_shared(self.shared) else None
+            cached = self._slot_plan = (route, seq, slots, shared, *self._mix_weights())
+        _, _, slots, shared, shared_weight, routed_weight = cached
+        rows = x.reshape(batch * seq, hidden)
+        if shared is None:  # no shared expert, or one the slot path cannot fold in
+            return self._combine(x, self.experts.forward_slots(rows, slots).view(batch, seq, hidden))
+        return self.experts.forward_slots(rows, slots, shared, shared_weight, routed_weight).view(batch, seq, hidden)
 
     def _dispatch_plan(self, route: RouteDecision):
         """Sort order of the batch by expert, computed once per routing decision: cached decode steps reuse the

@@ -13,6 +13,8 @@ Two interchangeable kernels:
   * grouped_mm: `torch.nn.functional.grouped_mm`, one launch for all experts, no host sync (CUDA SM90+, bf16).
     `dispatch="auto"` takes it there for fine-grained MoEs (more than GROUPED_MM_MIN_EXPERTS experts), where
     per-expert launches on a few rows each would dominate.
+And for inference on few rows per expert (decode steps), `forward_slots`: rows gathered into a (experts, capacity)
+slot layout and two batched matmuls, a fixed handful of ops where per-op overhead, not FLOPs, is the cost.
 Because the whole stack is one parameter, every expert is part of the autograd graph every step, so DDP never
 sees "unused parameters" when an expert gets no rows on some rank.
 """
@@ -20,6 +22,7 @@ sees "unused parameters" when an expert gets no rows on some rank.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -161,6 +164,31 @@ class StackedSwiGLUExperts(nn.Module):
         if not outputs:
             return x_sorted.new_zeros(x_sorted.shape)
         return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+
+    def forward_slots(self, x: torch.Tensor, slots: "ExpertSlots", shared: Optional[nn.Module] = None,
+                      shared_weight: float = 1.0, routed_weight: float = 1.0) -> torch.Tensor:
+        """Rows of `x` (N, H), in any order, through their experts as two batched matmuls over the experts
+        `slots.first` .. `slots.end - 1` (a view of the stacked weights, no copy): the rows are gathered into each
+        expert's (capacity, H) slot block, padded with a repeated row whose results are dropped. Returns (N, H) in
+        x's row order; with a bias-free gate/up/down SwiGLU `shared`, `shared_weight * shared(x) + routed_weight *
+        experts(x)`, the shared down projection and the mix in one addmm.
+
+        A fixed handful of ops whatever the number of experts, for inference on few rows per expert (decode
+        steps), where the loop's per-expert op overhead, not the FLOPs, is the cost. Plain differentiable ops, but
+        meant for inference: its weight gradients would be written through slices of zero-filled stacks."""
+        hidden = x.shape[-1]
+        experts = slice(slots.first, slots.end)
+        x_slots = x.index_select(0, slots.slot_row).view(slots.end - slots.first, slots.capacity, hidden)
+        # F.silu rather than the activation module: a module call costs as much as the op on rows this few.
+        act = F.silu if self.activation == "silu" else self.act_fn
+        gate, up = torch.bmm(x_slots, self.gate_up_proj[experts].transpose(1, 2)).chunk(2, dim=-1)
+        out = torch.bmm(act(gate) * up, self.down_proj[experts].transpose(1, 2))
+        routed = out.view(-1, hidden).index_select(0, slots.row_slot)
+        if shared is None:
+            return routed if routed_weight == 1.0 else routed * routed_weight
+        # The shared FFN is the dense FFN's copy: its activation is the experts' (as in `silu_moe`).
+        h = act(F.linear(x, shared.gate_proj.weight)) * F.linear(x, shared.up_proj.weight)
+        return torch.addmm(routed, h, shared.down_proj.weight.t(), beta=routed_weight, alpha=shared_weight)
 
     def _forward_grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         offs = torch.cumsum(counts, dim=0).to(torch.int32)
@@ -350,6 +378,40 @@ def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) ->
     if not (torch.is_grad_enabled() and x.requires_grad):
         return x.index_select(0, order)
     return _PermuteRows.apply(x, order, inverse)
+
+
+@dataclass
+class ExpertSlots:
+    """Rows laid out as `capacity` slots per expert for experts first .. end-1 (see `forward_slots`)."""
+
+    first: int
+    end: int
+    capacity: int
+    slot_row: torch.Tensor  # (num_slots,) the row each slot reads; padding slots read the first row
+    row_slot: torch.Tensor  # (N,) the slot holding each row's result
+
+    @classmethod
+    def plan(cls, expert_of_row: torch.Tensor, sizes: Sequence[int]) -> "ExpertSlots":
+        """Slots for rows whose experts are `expert_of_row` (N,), with `sizes` its rows per expert (host ints)."""
+        used = [e for e, n in enumerate(sizes) if n > 0]
+        if not used:
+            raise ValueError("ExpertSlots.plan needs at least one row")
+        first, end, capacity = used[0], used[-1] + 1, max(sizes)
+        order = torch.argsort(expert_of_row, stable=True)
+        expert_sorted = expert_of_row.index_select(0, order)
+        counts = torch.as_tensor(list(sizes), device=expert_of_row.device)
+        starts = torch.cumsum(counts, 0) - counts
+        position = torch.arange(order.numel(), device=order.device) - starts.index_select(0, expert_sorted)
+        slot_sorted = (expert_sorted - first) * capacity + position
+        row_slot = torch.empty_like(order)
+        row_slot[order] = slot_sorted
+        slot_row = torch.zeros((end - first) * capacity, dtype=order.dtype, device=order.device)
+        slot_row[slot_sorted] = order
+        return cls(first, end, capacity, slot_row, row_slot)
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_row.numel()
 
 
 def sort_rows_by_expert(expert_of_row: torch.Tensor, num_experts: int):
