@@ -493,3 +493,26 @@ def test_package_import_turns_on_huge_pages_for_cpu_allocations_unless_set():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"}, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "0"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and Linux page-fault counts")
+def test_package_import_makes_freed_cpu_memory_reused_by_the_next_step():
+    """Each step's fresh 64 MB gradient-sized tensor reuses the pages the previous step freed (no page faults when
+    filling it), unless MOSE_REUSE_FREED_CPU_MEMORY=0, where glibc unmaps it on free and the next one faults in
+    every page again (at least 32: one per 2 MB huge page, more where the kernel falls back to 4 KiB pages)."""
+    code = (
+        "import resource, mose_lightning, torch\n"
+        "faults = []\n"
+        "for step in range(3):\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    grad = torch.empty(16 * 1024 * 1024).fill_(1.0)\n"
+        "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "    del grad\n"
+        "print(*faults[1:])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "MOSE_REUSE_FREED_CPU_MEMORY")}
+    reused = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert max(map(int, reused.stdout.split())) < 32, reused.stdout
+    env["MOSE_REUSE_FREED_CPU_MEMORY"] = "0"
+    fresh = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert min(map(int, fresh.stdout.split())) >= 32, fresh.stdout
