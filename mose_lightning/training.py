@@ -8,6 +8,7 @@ so a kill during a save leaves the previous good checkpoint in place.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -167,9 +168,17 @@ def start_run(cfg: ExperimentConfig, stage: str) -> Path:
     return run_dir
 
 
-def finish_run(run_dir: Path, metrics: Dict[str, Any]) -> None:
+def finish_run(run_dir: Path, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Write the run's final metrics and return them. Rerunning a finished run resumes at its last step and trains
+    nothing, so its trainer has no training metrics: the values recorded at that same step are kept."""
+    path = run_dir / "metrics.json"
+    if "steps" in metrics and path.is_file():
+        previous = json.loads(path.read_text())
+        if previous.get("steps") == metrics["steps"]:
+            metrics = {**previous, **metrics}
     if is_global_zero():
-        atomic_write_json(run_dir / "metrics.json", metrics)
+        atomic_write_json(path, metrics)
+    return metrics
 
 
 def scalar_metrics(trainer: pl.Trainer) -> Dict[str, float]:

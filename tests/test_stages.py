@@ -344,6 +344,11 @@ def test_resume_after_sigkill(root, routers):
     # The global step logged to TensorBoard goes on from the checkpoint instead of starting again at 0.
     steps = [s for s, _ in tb_scalars(run_dir, "train/loss")]
     assert max(steps) >= max_steps - 2
+    # Running the finished run again trains nothing and keeps its recorded final metrics (not NaN or missing).
+    finished = read_json(run_dir / "metrics.json")
+    assert "train/loss" in finished
+    run_cmd(args)
+    assert read_json(run_dir / "metrics.json") == finished and _ckpt_step(last) == max_steps
 
 
 def test_atomic_checkpoint_keeps_previous_on_failure(tmp_path, monkeypatch):

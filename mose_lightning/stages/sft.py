@@ -42,8 +42,7 @@ def fine_tune(cfg: ExperimentConfig, model: MoEVisionLanguageModel, stage: str) 
         state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         save_model(model, run_dir / "model", full_state=state if len(state) else None)
     trainer.strategy.barrier()
-    finish_run(run_dir, metrics)
-    return run_dir, metrics
+    return run_dir, finish_run(run_dir, metrics)
 
 
 def run_sft(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
