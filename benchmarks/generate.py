@@ -163,7 +163,10 @@ def widen_to_activated_width(model, moe) -> int:
     """Widen the FFNs of `model`'s MoE layers (a moe.kind=dense model: its layout's blocks are those FFNs) to the
     width a MoSE block activates per token, shared expert + one skill expert, keeping their function: gate and up
     rows duplicated, the down projection's two halves weighted by the MoSE combination (`moe.combine`,
-    `moe.shared_weight`). Returns the number of FFNs widened."""
+    `moe.shared_weight`). Returns the number of FFNs widened: none without a shared expert, where a MoSE block
+    activates one expert of the FFN's own width."""
+    if not moe.shared_expert:
+        return 0
     # "sum": shared(x) + a skill expert that starts as a zero delta; "weighted": w * shared(x) + (1 - w) * expert(x).
     shared_w, routed_w = (1.0, 0.0) if moe.combine == "sum" else (moe.shared_weight, 1.0 - moe.shared_weight)
     for mlp in model.layout.blocks:
