@@ -159,14 +159,14 @@ def run(args) -> dict:
 
 
 @torch.no_grad()
-def widen_to_activated_width(model, moe) -> int:
+def widen_to_activated_width(model, moe) -> None:
     """Widen the FFNs of `model`'s MoE layers (a moe.kind=dense model: its layout's blocks are those FFNs) to the
     width a MoSE block activates per token, shared expert + one skill expert, keeping their function: gate and up
     rows duplicated, the down projection's two halves weighted by the MoSE combination (`moe.combine`,
-    `moe.shared_weight`). Returns the number of FFNs widened: none without a shared expert, where a MoSE block
-    activates one expert of the FFN's own width."""
+    `moe.shared_weight`). Nothing to widen without a shared expert: a MoSE block then activates one expert of the
+    FFN's own width."""
     if not moe.shared_expert:
-        return 0
+        return
     # "sum": shared(x) + a skill expert that starts as a zero delta; "weighted": w * shared(x) + (1 - w) * expert(x).
     shared_w, routed_w = (1.0, 0.0) if moe.combine == "sum" else (moe.shared_weight, 1.0 - moe.shared_weight)
     for mlp in model.layout.blocks:
@@ -179,7 +179,6 @@ def widen_to_activated_width(model, moe) -> int:
         new = torch.nn.Linear(2 * old.in_features, old.out_features, bias=False).to(old.weight)
         new.weight.copy_(torch.cat([shared_w * old.weight, routed_w * old.weight], dim=1))
         mlp.down_proj = new
-    return len(model.layout.blocks)
 
 
 def table(result: dict) -> str:

@@ -183,7 +183,8 @@ class Variant:
         self.routing = routing  # () -> list of tokens (rows) per expert, for the report
 
 
-def build_variants(hidden: int, inter: int, batch: int, seq: int, device, dtype, hf_experts: str):
+def build_variants(hidden: int, inter: int, batch: int, seq: int, device, dtype, hf_experts: str,
+                   grouped_mm: bool = True):
     factory = {"device": device, "dtype": dtype}
     base = SwiGLU(hidden, inter, **factory)  # the FFN being replaced (width I)
     dense = SwiGLU(hidden, 2 * inter, **factory)  # reference of the MoE blocks' activated width (2I)
@@ -200,8 +201,10 @@ def build_variants(hidden: int, inter: int, batch: int, seq: int, device, dtype,
     topk = TopKMoEBlock.upcycle(base, NUM_EXPERTS, 1, "silu", topk_ctx, 0)
     gshard = GShardTop1MoE(topk)  # runs on the top-k block's weights (same router, experts, shared expert)
     hf = hf_qwen2_moe_block(base, NUM_EXPERTS, hf_experts, device, dtype)
+    # Copies of whole blocks (gigabytes at 2B size): made only when the *_grouped_mm variants run.
+    sources = (("mose_grouped_mm", mose), ("expert_group_grouped_mm", group), ("topk_grouped_mm", topk))
     grouped = {}
-    for name, block in (("mose_grouped_mm", mose), ("expert_group_grouped_mm", group), ("topk_grouped_mm", topk)):
+    for name, block in sources if grouped_mm else ():
         grouped[name] = copy.deepcopy(block)
         grouped[name].experts.dispatch = "grouped_mm"
 
@@ -333,7 +336,8 @@ def run(args) -> dict:
         }
         log(f"[{NAME}] size={size} hidden={hidden} I={inter} tokens={batch}x{seq} device={device} dtype={dtype}")
         torch.manual_seed(args.seed)  # the same weights and routing per size, whichever sizes run before it
-        base, variants, x, grad_out = build_variants(hidden, inter, batch, seq, device, dtype, args.hf_experts)
+        base, variants, x, grad_out = build_variants(hidden, inter, batch, seq, device, dtype, args.hf_experts,
+                                                     grouped_mm=any(v in GROUPED_VARIANTS for v in wanted))
         variants = {k: v for k, v in variants.items() if k in wanted}
 
         errors = check_equivalence(base, variants, x.detach())

@@ -397,14 +397,12 @@ class ExpertSlots:
         if not used:
             raise ValueError("ExpertSlots.plan needs at least one row")
         first, end, capacity = used[0], used[-1] + 1, max(sizes)
-        order = torch.argsort(expert_of_row, stable=True)
+        order, inverse, counts = sort_rows_by_expert(expert_of_row, len(sizes))
         expert_sorted = expert_of_row.index_select(0, order)
-        counts = torch.as_tensor(list(sizes), device=expert_of_row.device)
         starts = torch.cumsum(counts, 0) - counts
         position = torch.arange(order.numel(), device=order.device) - starts.index_select(0, expert_sorted)
         slot_sorted = (expert_sorted - first) * capacity + position
-        row_slot = torch.empty_like(order)
-        row_slot[order] = slot_sorted
+        row_slot = slot_sorted.index_select(0, inverse)
         slot_row = torch.zeros((end - first) * capacity, dtype=order.dtype, device=order.device)
         slot_row[slot_sorted] = order
         return cls(first, end, capacity, slot_row, row_slot)
