@@ -18,12 +18,13 @@ def _reuse_freed_cpu_memory() -> None:
     glibc serves every allocation above 32 MB with its own mmap and unmaps it on free, so each step's fresh
     gradients (165 MB per expert at 2B size) are new pages again: page faults and kernel zeroing every step, in
     proportion to the gradient bytes, which an MoE layer has several times more of than a dense one. Serving
-    everything from the heap (no mmap) and not trimming it lets the next step reuse the last step's memory, as the
+    everything from the heap (no mmap) and not trimming it lets later steps reuse earlier steps' memory, as the
     CUDA caching allocator does on a GPU. Measured at 2B size (benchmarks/README.md): the dense layer 20% faster,
-    expert groups 1.67x -> 1.39x the dense layer's time. It relies on the huge-page setting above: PyTorch's
-    2 MB-aligned requests fit the freed chunks exactly (with THP_MEM_ALLOC_ENABLE=0 glibc's memalign reuses them
-    only every other step). MOSE_REUSE_FREED_CPU_MEMORY=0 turns it off; a C library without mallopt (macOS, musl)
-    is left alone.
+    expert groups 1.67x -> 1.39x the dense layer's time. Not from the first step on, always: glibc pads aligned
+    requests (page-aligned with the huge-page setting above, 64-byte without), so a freed chunk can be a little too
+    small for the same request until its neighbours are free too; a busy machine saw up to seven 64 MB
+    allocations in a row take fresh memory before reuse set in (tests/test_model.py). MOSE_REUSE_FREED_CPU_MEMORY=0
+    turns it off; a C library without mallopt (macOS, musl) is left alone.
     """
     if os.environ.get("MOSE_REUSE_FREED_CPU_MEMORY", "1") == "0":
         return
