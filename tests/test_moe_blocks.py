@@ -17,6 +17,7 @@ from mose_lightning.moe import (
     load_balancing_loss,
     router_z_loss,
 )
+from mose_lightning.moe.experts import silu_moe
 
 H, I = 16, 24
 
@@ -218,16 +219,24 @@ def test_trainable_router_gets_gradient_through_hard_choice_without_changing_out
         assert (g > 0) == (e in chosen)
 
 
+@pytest.mark.parametrize("kind", ["mose", "group", "topk"])
 @pytest.mark.parametrize("combine", ["weighted", "sum"])
 @pytest.mark.parametrize("router_trainable", [True, False])
-def test_fused_shared_and_routed_experts_match_the_separate_computation(dense, combine, router_trainable):
-    """MoSE's one-pass shared + routed kernel (silu_moe) against shared(x), experts and the combination computed
-    apart: same output, same gradients for the input, the shared expert, the stacked experts and the router."""
+def test_fused_shared_and_routed_experts_match_the_separate_computation(dense, kind, combine, router_trainable):
+    """The one-pass shared + routed kernel (silu_moe) against shared(x), experts and the combination computed
+    apart: same output, same gradients for the input, the shared expert, the stacked experts and the router (for
+    top-k with one expert per token, whose combine weight is the same straight-through gate)."""
     torch.manual_seed(3)
-    fused = randomise(MoSEBlock.upcycle(dense, 4, "silu", RoutingContext(), 0, "perception", 0, combine=combine,
-                                        dispatch="loop"))
+    ctx = RoutingContext(image_mask=torch.rand(6, 5, generator=torch.Generator().manual_seed(2)) > 0.5)
+    if kind == "topk":
+        fused = randomise(TopKMoEBlock.upcycle(dense, 4, 1, "silu", ctx, 0, combine=combine, dispatch="loop"))
+        router = fused.router.gate
+    else:
+        fused = MoSEBlock.upcycle(dense, 4, "silu", ctx, 0, "perception", 0, combine=combine, dispatch="loop")
+        fused = randomise(ExpertGroupBlock.from_mose(fused) if kind == "group" else fused)
+        router = fused.router.classifier
     with torch.no_grad():
-        fused.router.classifier.weight.normal_(std=3.0)
+        router.weight.normal_(std=3.0)
         fused.shared.down_proj.weight.normal_(std=0.3)
     fused.router.requires_grad_(router_trainable)
     separate = copy.deepcopy(fused)
@@ -240,8 +249,9 @@ def test_fused_shared_and_routed_experts_match_the_separate_computation(dense, c
         out = block(xin)
         out.backward(grad)
         results.append((out.detach(), xin.grad, {n: p.grad for n, p in block.named_parameters()}))
-    # The batch is not in expert order, so both row permutations (and their backward) are exercised.
-    assert not torch.equal(fused.last_route.expert, fused.last_route.expert.sort().values)
+    if kind != "topk":  # the batch is not in expert order, so both row permutations (and backward) are exercised
+        assert not torch.equal(fused.last_route.expert, fused.last_route.expert.sort().values)
+    assert len(fused.last_expert_counts.nonzero()) > 1
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
     assert results[0][2].keys() == results[1][2].keys()
@@ -250,7 +260,40 @@ def test_fused_shared_and_routed_experts_match_the_separate_computation(dense, c
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
-    assert (results[0][2]["router.classifier.weight"] is not None) == router_trainable
+    assert (router.weight.grad is not None) == router_trainable
+
+
+@pytest.mark.parametrize("shared_expert", [True, False])
+def test_loop_kernel_matches_autograd_per_expert_reference_with_empty_experts(dense, shared_expert):
+    """The loop kernel (`silu_moe`) against autograd through per-expert formulas written from the stacked weights:
+    empty experts first, between and last, two rows per router probability, every gradient compared."""
+    torch.manual_seed(11)
+    experts = randomise(MoSEBlock.upcycle(dense, 5, "silu", RoutingContext(), 0, "perception", 0)).experts
+    shared = copy.deepcopy(dense) if shared_expert else None
+    sizes = [0, 4, 0, 6, 0]  # rows 0-3 to expert 1, rows 4-9 to expert 3
+    x = torch.randn(10, H, requires_grad=True)
+    prob = torch.tensor([0.9, 0.4, 0.6, 0.7, 0.3], requires_grad=True)  # one per 2 rows
+    grad = torch.randn(10, H)
+    out = silu_moe(x, experts, sizes, shared, 0.3, 0.7, prob, 2)
+    out.backward(grad)
+    got = [t.grad.clone() for t in (x, prob, experts.gate_up_proj, experts.down_proj)]
+    got_shared = [p.grad.clone() for p in shared.parameters()] if shared_expert else []
+
+    for t in (x, prob, experts.gate_up_proj, experts.down_proj, *(shared.parameters() if shared_expert else ())):
+        t.grad = None
+    expert_of_row = [1] * 4 + [3] * 6
+    gate = (prob / prob.detach()).repeat_interleave(2)
+    routed = torch.stack([expert_fn(experts, e, x[i]) for i, e in enumerate(expert_of_row)]) * gate[:, None]
+    reference = 0.7 * routed + (0.3 * shared(x) if shared_expert else 0.0)
+    reference.backward(grad)
+    torch.testing.assert_close(out.detach(), reference.detach(), rtol=1e-5, atol=1e-6)
+    expected = [t.grad for t in (x, prob, experts.gate_up_proj, experts.down_proj)]
+    for name, a, b in zip(["x", "prob", "gate_up_proj", "down_proj"], got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    for e in (0, 2, 4):  # unused experts: exactly zero, not stale memory
+        assert not got[2][e].any() and not got[3][e].any()
+    for a, b in zip(got_shared, [p.grad for p in shared.parameters()] if shared_expert else []):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_expert_slots_lay_rows_out_per_expert_with_padding():

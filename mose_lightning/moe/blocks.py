@@ -50,6 +50,10 @@ from mose_lightning.moe.routing import (
 class _SharedPlusRouted(nn.Module):
     """The part every MoE block shares: an optional shared expert and the combination rule."""
 
+    # Shared and routed experts in one pass (`silu_moe`) where the kernels allow it (silu experts on the loop
+    # path, a bias-free gate/up/down shared expert); False computes them apart and combines (the reference).
+    fuse_shared: bool = True
+
     def __init__(self, shared: Optional[nn.Module], combine: str, shared_weight: float) -> None:
         super().__init__()
         if combine not in ("weighted", "sum"):
@@ -77,6 +81,19 @@ class _SharedPlusRouted(nn.Module):
         elif coef != 1.0:
             routed = routed * coef
         return torch.add(routed, shared, alpha=alpha) if alpha != 1.0 else routed + shared
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        return self.fuse_shared and fusable_shared(self.shared) and self.experts.runs_silu_loop(x)
+
+    def _fused_shared_and_routed(self, rows: torch.Tensor, sizes, gate_prob: Optional[torch.Tensor],
+                                 rows_per_prob: int = 1) -> torch.Tensor:
+        """`_combine` of the shared expert and the routed experts on `rows` (N, H) grouped by expert, in one pass:
+        the routed term of each row carries the straight-through gate p / p.detach() of its entry of `gate_prob`
+        (one per `rows_per_prob` rows; None where the router gets no gradient), value 1 in the forward pass."""
+        if gate_prob is not None and not (torch.is_grad_enabled() and gate_prob.requires_grad):
+            gate_prob = None
+        shared_weight, routed_weight = self._mix_weights()
+        return silu_moe(rows, self.experts, sizes, self.shared, shared_weight, routed_weight, gate_prob, rows_per_prob)
 
 
 def _upcycled_experts(dense_mlp: nn.Module, num_experts: int, activation: str, dispatch: str, combine: str):
@@ -187,9 +204,6 @@ class MoSEBlock(_SequenceRoutedBlock):
         shared = copy.deepcopy(dense_mlp) if shared_expert else None
         return cls(shared, experts, router, context, level_index, level_name, layer_index, combine, shared_weight)
 
-    # Shared and routed experts in one pass (`silu_moe`) where the kernels allow it (silu experts on the loop
-    # path, a bias-free gate/up/down shared expert); False computes them apart and combines (the reference).
-    fuse_shared: bool = True
     # Inference with at most this many rows per expert (cached decode steps: one row per sequence) takes the
     # experts' slot path: a fixed handful of ops instead of a matmul chain per expert. On rows this few the
     # per-op overhead is the cost, not the FLOPs; training and prefill keep the loop.
@@ -207,21 +221,15 @@ class MoSEBlock(_SequenceRoutedBlock):
         rows = x if is_sorted else permute_rows(x, order, inverse)
         row_sizes = [n * seq for n in sizes]
         if self._fused(x):
-            prob = None
-            if torch.is_grad_enabled() and route.prob.requires_grad:
-                prob = route.prob if is_sorted else route.prob.index_select(0, order)
-            shared_weight, routed_weight = self._mix_weights()
-            out = silu_moe(rows.reshape(batch * seq, hidden), self.experts, row_sizes, self.shared, shared_weight,
-                           routed_weight, prob, seq).view(batch, seq, hidden)
+            prob = route.prob if is_sorted or not route.prob.requires_grad else route.prob.index_select(0, order)
+            out = self._fused_shared_and_routed(rows.reshape(batch * seq, hidden), row_sizes, prob, seq)
+            out = out.view(batch, seq, hidden)
             return out if is_sorted else permute_rows(out, inverse, order)
         routed = self.experts(rows.reshape(batch * seq, hidden), counts * seq, row_sizes)
         routed = routed.view(batch, seq, hidden)
         if not is_sorted:
             routed = permute_rows(routed, inverse, order)
         return self._combine(x, routed, self._routed_scale(route, routed.dtype))
-
-    def _fused(self, x: torch.Tensor) -> bool:
-        return self.fuse_shared and fusable_shared(self.shared) and self.experts.runs_silu_loop(x)
 
     def _forward_slots(self, x: torch.Tensor, route: RouteDecision, sizes) -> torch.Tensor:
         """Inference on few rows per expert through the experts' slot path. Its layout, and whether the shared
@@ -245,12 +253,24 @@ class MoSEBlock(_SequenceRoutedBlock):
         cached = getattr(self, "_plan", None)
         if cached is not None and cached[0] is route:
             return cached[1:]
-        order, inverse, counts = sort_rows_by_expert(route.expert, self.experts.num_experts)
-        # One device-to-host copy for the row counts and whether the batch is already in expert order: on a GPU
-        # each copy drains the queue, and the GPU then idles while the next kernels are launched.
-        in_order = (order == torch.arange(order.numel(), device=order.device)).all()
-        *sizes, is_sorted = torch.cat([counts, in_order.view(1).to(counts.dtype)]).tolist()
-        self._plan = (route, order, inverse, counts, sizes, bool(is_sorted))
+        # One device-to-host copy of the batch's experts (a few ints; on a GPU each copy drains the queue), then
+        # the plan is worked out on the host: a handful of Python ops on B ints instead of a chain of tiny
+        # device ops (argsort, bincount, comparisons) that each cost more than their work at this size.
+        expert = route.expert.tolist()
+        sizes = [0] * self.experts.num_experts
+        for e in expert:
+            sizes[e] += 1
+        device = route.expert.device
+        counts = torch.tensor(sizes, device=device)
+        is_sorted = all(a <= b for a, b in zip(expert, expert[1:]))
+        order = inverse = None
+        if not is_sorted:
+            order_list = sorted(range(len(expert)), key=expert.__getitem__)  # stable
+            inverse_list = [0] * len(expert)
+            for position, row in enumerate(order_list):
+                inverse_list[row] = position
+            order, inverse = torch.tensor([order_list, inverse_list], device=device).unbind(0)
+        self._plan = (route, order, inverse, counts, sizes, is_sorted)
         return self._plan[1:]
 
 
@@ -278,9 +298,14 @@ class ExpertGroupBlock(_SequenceRoutedBlock):
         modality = torch.where(image.to(x.device), self.IMAGE, self.TEXT)
         expert_of_token = (2 * route.expert.view(batch, 1) + modality).reshape(-1)
         order, inverse, counts = sort_rows_by_expert(expert_of_token, self.experts.num_experts)
-        routed = self.experts(permute_rows(x.reshape(-1, hidden), order, inverse), counts)
-        routed = permute_rows(routed, inverse, order).view(batch, seq, hidden)
         self.last_expert_counts = counts.detach()
+        rows = permute_rows(x.reshape(-1, hidden), order, inverse)
+        if self._fused(x):
+            # Each row's gate is its sample's router probability; rows are tokens, sample = token index // seq.
+            prob = route.prob.index_select(0, order // seq) if route.prob.requires_grad else None
+            out = self._fused_shared_and_routed(rows, counts.tolist(), prob)
+            return permute_rows(out, inverse, order).view(batch, seq, hidden)
+        routed = permute_rows(self.experts(rows, counts), inverse, order).view(batch, seq, hidden)
         return self._combine(x, routed, self._routed_scale(route, routed.dtype))
 
 
@@ -345,6 +370,12 @@ class TopKMoEBlock(_SharedPlusRouted):
             self.context.aux_losses.append(self.aux_loss_coef * balance + self.z_loss_coef * z)
         order, inverse, counts = sort_rows_by_expert(top_i.reshape(-1), self.experts.num_experts)
         self.last_expert_counts = counts.detach()
+        if k == 1 and self._fused(x):
+            # With one slot the combine weight is p / p.detach() (value 1): the kernel's straight-through gate with
+            # the weight itself as its probability, whose gradient d out / d weight is the routed term.
+            out = self._fused_shared_and_routed(permute_rows(flat, order, inverse), counts.tolist(),
+                                                weights.view(-1).index_select(0, order))
+            return permute_rows(out, inverse, order).view(batch, seq, hidden)
         if k == 1:
             # One slot per token: the combine weight is folded into the combination's routed multiplier.
             routed = self.experts(permute_rows(flat, order, inverse), counts)

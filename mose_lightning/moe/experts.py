@@ -219,17 +219,24 @@ class _SiluMoELoop(torch.autograd.Function):
         out = shared_weight * shared(x) + routed_weight * gate * expert_e(x)     (rows of expert e)
 
     `shared` has separate gate/up/down weights (the dense FFN's copy); `gate` is the straight-through router gate
-    p / p.detach() of each row's sequence when `prob` (one chosen probability per `rows_per_prob` rows) is given:
-    value 1, gradient to p. Without a shared expert and prob, it is just the experts.
+    p / p.detach() of the routing decision each row follows (a MoSE sequence, an expert-group token's sample, a
+    top-1 token) when `prob` (one chosen probability per `rows_per_prob` rows) is given: value 1, gradient to p.
+    Without a shared expert and prob, it is just the experts.
 
     Why one Function: the weights are folded into the GEMMs (addmm's alpha/beta), the shared down projection
     accumulates onto the routed output and both input-gradient halves into one buffer, so the combination, its
     backward and the input-gradient sum cost no passes over (rows, hidden) of their own; each expert's weight
-    gradient is written into its slice of one stacked gradient (no per-expert full-size zero tensors). The gate and
-    up halves of `gate_up_proj` get separate GEMMs into separate buffers, as a dense SwiGLU's gate_proj and up_proj
-    do: every elementwise pass then runs on contiguous memory (the vectorised kernels; on a GPU the strided halves
-    of one (rows, 2I) buffer took twice as long). The router's gradient is one row dot product over the hidden size
-    with the routed output, which is kept only when the router trains.
+    gradient is written into its slice of one stacked gradient (no per-expert full-size zero tensors).
+
+    Layout: the intermediate activations of the shared expert (rows 0..N-1, when there is one) and of the routed
+    experts (the next N rows, expert by expert) live in one (N_shared + N, I) buffer per quantity, each GEMM
+    writing its own contiguous row block. Every elementwise pass (silu, the gating product and their backward) is
+    then one op over the whole buffer instead of one per expert plus one for the shared expert: on small layers
+    per-op overhead, not FLOPs, is the cost, and on a GPU each op is a kernel launch. The gate and up halves of
+    `gate_up_proj` get separate GEMMs into separate buffers, as a dense SwiGLU's gate_proj and up_proj do, so the
+    passes run on contiguous memory (on a GPU the strided halves of one (rows, 2I) buffer took twice as long).
+    The router's gradient is one row dot product over the hidden size with the routed output, which is kept only
+    when the router trains.
     """
 
     @staticmethod
@@ -238,98 +245,124 @@ class _SiluMoELoop(torch.autograd.Function):
         x = x.contiguous()
         num_rows, hidden = x.shape
         inter = down_proj.shape[-1]
+        if sum(sizes) != num_rows:
+            raise ValueError(f"expert row counts sum to {sum(sizes)}, but {num_rows} rows were given")
+        has_shared = shared_gate is not None
         keep_routed = prob is not None and ctx.needs_input_grad[9]
-        gate = x.new_empty(num_rows, inter)  # pre-activations, saved for the backward
-        up = x.new_empty(num_rows, inter)
-        act = x.new_empty(num_rows, inter)  # silu(gate), saved for the backward
-        h = x.new_empty(num_rows, inter)  # silu(gate) * up, the down projection's input
+        first = num_rows if has_shared else 0  # first row of the routed experts in the intermediate buffers
+        gate = x.new_empty(first + num_rows, inter)  # pre-activations, saved for the backward
+        up = x.new_empty(first + num_rows, inter)
         routed = x.new_empty(num_rows, hidden)  # routed_weight * expert(x)
-        start = 0
-        for expert, n in enumerate(sizes):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
-            torch.mm(x[rows], gate_up_proj[expert, :inter].t(), out=gate[rows])
-            torch.mm(x[rows], gate_up_proj[expert, inter:].t(), out=up[rows])
-            torch.mul(torch.ops.aten.silu.out(gate[rows], out=act[rows]), up[rows], out=h[rows])
-            _mm(h[rows], down_proj[expert].t(), routed_weight, out=routed[rows])
-            start += n
-        if start != num_rows:
-            raise ValueError(f"expert row counts sum to {start}, but {num_rows} rows were given")
-        shared = None
+        experts = _used_experts(sizes)
+        x_rows = x.split(sizes)
+        gate_rows, up_rows = gate[first:].split(sizes), up[first:].split(sizes)
+        gate_wt, up_wt = _per_expert(gate_up_proj.transpose(1, 2), inter)  # (H, I) views, no copy
+        for e in experts:
+            torch.mm(x_rows[e], gate_wt[e], out=gate_rows[e])
+            torch.mm(x_rows[e], up_wt[e], out=up_rows[e])
+        if has_shared:
+            torch.mm(x, shared_gate.t(), out=gate[:first])
+            torch.mm(x, shared_up.t(), out=up[:first])
+        act = torch.nn.functional.silu(gate)  # saved for the backward
+        h = act * up  # the down projections' input
+        h_rows, routed_rows, down_wt = h[first:].split(sizes), routed.split(sizes), down_proj.transpose(1, 2).unbind(0)
+        for e in experts:
+            _mm(h_rows[e], down_wt[e], routed_weight, out=routed_rows[e])
         out = routed
-        if shared_gate is not None:
-            s_gate, s_up = torch.mm(x, shared_gate.t()), torch.mm(x, shared_up.t())
-            s_act = torch.nn.functional.silu(s_gate)
-            s_h = s_act * s_up
+        if has_shared:
             # In place unless the routed term must survive for the router's gradient.
-            out = torch.addmm(routed, s_h, shared_down.t(), alpha=shared_weight, out=None if keep_routed else routed)
-            shared = (s_gate, s_up, s_act, s_h)
+            out = torch.addmm(routed, h[:first], shared_down.t(), alpha=shared_weight,
+                              out=None if keep_routed else routed)
         ctx.sizes, ctx.weights, ctx.rows_per_prob = sizes, (shared_weight, routed_weight), rows_per_prob
-        ctx.has_shared = shared is not None
         ctx.save_for_backward(x, gate_up_proj, down_proj, gate, up, act, h, shared_gate, shared_up, shared_down,
-                              prob, routed if keep_routed else None, *(shared or ()))
+                              prob, routed if keep_routed else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x, gate_up_proj, down_proj, gate, up, act, h, shared_gate, shared_up, shared_down, prob, routed,
-         *shared) = ctx.saved_tensors
+        x, gate_up_proj, down_proj, gate, up, act, h, shared_gate, shared_up, shared_down, prob, routed = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_x, need_gu, need_down, need_prob = need[0], need[1], need[2], need[9]
         shared_weight, routed_weight = ctx.weights
+        sizes = ctx.sizes
         grad_out = grad_out.contiguous()
+        num_rows = x.shape[0]
         inter = down_proj.shape[-1]
-        grad_x = torch.empty_like(x) if need_x else None
+        has_shared = shared_gate is not None
+        first = num_rows if has_shared else 0
+        experts = _used_experts(sizes)
+        grad_rows, x_rows = grad_out.split(sizes), x.split(sizes)
+        down_w = down_proj.unbind(0)
         grads_shared = [None, None, None]
-        if ctx.has_shared:
-            s_gate, s_up, s_act, s_h = shared
-            if need[6]:
-                grads_shared[2] = _mm(grad_out.t(), s_h, shared_weight)
-            d_sh = _mm(grad_out, shared_down, shared_weight)  # (N, I_shared)
-            d_s_up = d_sh * s_act
-            d_s_gate = torch.ops.aten.silu_backward(d_sh.mul_(s_up), s_gate)
-            if need[4]:
-                grads_shared[0] = torch.mm(d_s_gate.t(), x)
-            if need[5]:
-                grads_shared[1] = torch.mm(d_s_up.t(), x)
-            if grad_x is not None:
-                torch.mm(d_s_gate, shared_gate, out=grad_x)
-                _mm(d_s_up, shared_up, out=grad_x, accumulate=True)
         # Stacked weight gradients: used experts' slices are overwritten below, only unused ones need zeros.
-        grad_gu_w = torch.empty_like(gate_up_proj) if need_gu else None
-        grad_down_w = torch.empty_like(down_proj) if need_down else None
-        start = 0
-        for expert, n in enumerate(ctx.sizes):
-            if n == 0:
-                if grad_gu_w is not None:
-                    grad_gu_w[expert].zero_()
-                if grad_down_w is not None:
-                    grad_down_w[expert].zero_()
-                continue
-            rows = slice(start, start + n)
-            start += n
-            g_out = grad_out[rows]
-            if grad_down_w is not None:
-                _mm(g_out.t(), h[rows], routed_weight, out=grad_down_w[expert])
-            if not (need_x or need_gu):
-                continue
-            d_h = _mm(g_out, down_proj[expert], routed_weight)  # (n, I)
-            d_up = d_h * act[rows]
+        grad_gu_w = _stacked_grad(gate_up_proj, experts) if need_gu else None
+        grad_down_w = _stacked_grad(down_proj, experts) if need_down else None
+        if grad_down_w is not None:
+            h_rows, grad_down_rows = h[first:].split(sizes), grad_down_w.unbind(0)
+            grad_rows_t = grad_out.t().split(sizes, dim=1)
+            for e in experts:
+                _mm(grad_rows_t[e], h_rows[e], routed_weight, out=grad_down_rows[e])
+        if has_shared and need[6]:
+            grads_shared[2] = _mm(grad_out.t(), h[:first], shared_weight)
+        grad_x = None
+        if need_x or need_gu or need[4] or need[5]:
+            d_h = torch.empty_like(h)  # gradient of the down projections' input, then of the gate pre-activation
+            d_h_rows = d_h[first:].split(sizes)
+            for e in experts:
+                _mm(grad_rows[e], down_w[e], routed_weight, out=d_h_rows[e])
+            if has_shared:
+                _mm(grad_out, shared_down, shared_weight, out=d_h[:first])
+            d_up = d_h * act
             # d gate = silu'(gate) * (d_h * up), with the fused kernel autograd's SiluBackward uses, into d_h
-            d_gate = torch.ops.aten.silu_backward.grad_input(d_h.mul_(up[rows]), gate[rows], grad_input=d_h)
+            d_gate = torch.ops.aten.silu_backward.grad_input(d_h.mul_(up), gate, grad_input=d_h)
+            if has_shared:
+                if need[4]:
+                    grads_shared[0] = torch.mm(d_gate[:first].t(), x)
+                if need[5]:
+                    grads_shared[1] = torch.mm(d_up[:first].t(), x)
+            d_gate_rows, d_up_rows = d_gate[first:].split(sizes), d_up[first:].split(sizes)
+            gate_w, up_w = _per_expert(gate_up_proj, inter, dim=1)
             if grad_gu_w is not None:
-                torch.mm(d_gate.t(), x[rows], out=grad_gu_w[expert, :inter])
-                torch.mm(d_up.t(), x[rows], out=grad_gu_w[expert, inter:])
-            if grad_x is not None:
-                _mm(d_gate, gate_up_proj[expert, :inter], out=grad_x[rows], accumulate=ctx.has_shared)
-                _mm(d_up, gate_up_proj[expert, inter:], out=grad_x[rows], accumulate=True)
+                grad_gate_w, grad_up_w = _per_expert(grad_gu_w, inter, dim=1)
+                d_gate_rows_t, d_up_rows_t = d_gate[first:].t().split(sizes, dim=1), d_up[first:].t().split(sizes, dim=1)
+                for e in experts:
+                    torch.mm(d_gate_rows_t[e], x_rows[e], out=grad_gate_w[e])
+                    torch.mm(d_up_rows_t[e], x_rows[e], out=grad_up_w[e])
+            if need_x:
+                grad_x = torch.empty_like(x)
+                if has_shared:
+                    torch.mm(d_gate[:first], shared_gate, out=grad_x)
+                    _mm(d_up[:first], shared_up, out=grad_x, accumulate=True)
+                grad_x_rows = grad_x.split(sizes)
+                for e in experts:
+                    _mm(d_gate_rows[e], gate_w[e], out=grad_x_rows[e], accumulate=has_shared)
+                    _mm(d_up_rows[e], up_w[e], out=grad_x_rows[e], accumulate=True)
         grad_prob = None
         if need_prob:
             # <d out / d gate, grad> per row is <routed term, grad> (over the hidden size); d gate / d p = 1 / p.
             row_dot = torch.sum(routed * grad_out, dim=-1, dtype=torch.float32)
             grad_prob = (row_dot.view(-1, ctx.rows_per_prob).sum(dim=1) / prob.detach()).to(prob.dtype)
         return (grad_x, grad_gu_w, grad_down_w, None, *grads_shared, None, None, grad_prob, None)
+
+
+def _per_expert(stacked: torch.Tensor, inter: int, dim: int = 2):
+    """The gate and up halves of a stacked (E, ., .) gate_up weight (or a transposed view of it, dim=2), each as
+    a tuple of per-expert views: two dispatcher calls for all experts instead of indexing per expert."""
+    return tuple(half.unbind(0) for half in stacked.split(inter, dim=dim))
+
+
+def _used_experts(sizes: Sequence[int]) -> List[int]:
+    return [e for e, n in enumerate(sizes) if n > 0]
+
+
+def _stacked_grad(weight: torch.Tensor, used: Sequence[int]) -> torch.Tensor:
+    """An uninitialised gradient for a stacked weight whose `used` experts' slices the caller overwrites: only the
+    other experts' slices are zeroed."""
+    grad = torch.empty_like(weight)
+    if len(used) < weight.shape[0]:
+        unused = [e for e in range(weight.shape[0]) if e not in set(used)]
+        grad[unused] = 0
+    return grad
 
 
 def silu_moe(x_sorted: torch.Tensor, experts: "StackedSwiGLUExperts", sizes: List[int], shared: Optional[nn.Module] = None,
