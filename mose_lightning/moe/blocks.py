@@ -253,23 +253,17 @@ class MoSEBlock(_SequenceRoutedBlock):
         cached = getattr(self, "_plan", None)
         if cached is not None and cached[0] is route:
             return cached[1:]
-        # One device-to-host copy of the batch's experts (a few ints; on a GPU each copy drains the queue), then
-        # the plan is worked out on the host: a handful of Python ops on B ints instead of a chain of tiny
-        # device ops (argsort, bincount, comparisons) that each cost more than their work at this size.
+        # One device-to-host copy of the batch's experts (B ints; on a GPU each copy drains the queue): the row
+        # counts and whether the batch is already in expert order are then worked out on the host. The sort
+        # order stays on the device (a tensor made from host lists would be a second, synchronous copy there).
         expert = route.expert.tolist()
-        sizes = [0] * self.experts.num_experts
-        for e in expert:
-            sizes[e] += 1
-        device = route.expert.device
-        counts = torch.tensor(sizes, device=device)
+        sizes = [expert.count(e) for e in range(self.experts.num_experts)]
         is_sorted = all(a <= b for a, b in zip(expert, expert[1:]))
-        order = inverse = None
-        if not is_sorted:
-            order_list = sorted(range(len(expert)), key=expert.__getitem__)  # stable
-            inverse_list = [0] * len(expert)
-            for position, row in enumerate(order_list):
-                inverse_list[row] = position
-            order, inverse = torch.tensor([order_list, inverse_list], device=device).unbind(0)
+        if is_sorted:
+            order = inverse = None
+            counts = torch.bincount(route.expert, minlength=self.experts.num_experts)
+        else:
+            order, inverse, counts = sort_rows_by_expert(route.expert, self.experts.num_experts)
         self._plan = (route, order, inverse, counts, sizes, is_sorted)
         return self._plan[1:]
 
