@@ -13,6 +13,8 @@ FFNs, routers untrained: cost does not depend on the weights' values):
   mose             moe.kind=mose, routing decided once on the prompt and reused for every new token (KV cache on)
   mose_reroute     moe.kind=mose, `generate(..., reroute_every_step=True)`: no KV cache, every step re-runs the
                    whole sequence and its routers (the reference the cached path is tested against)
+  expert_group     moe.kind=expert_group (one image and one text expert per skill), routing reused like mose
+  topk             moe.kind=topk, the token-level baseline: every token of every step routed anew
 Layouts: `paper` (default) puts MoSE blocks in every other decoder layer, as MoSE does in Qwen2-VL-2B (a 6-layer
 toy, MoSE in layers 0, 2, 4, one per skill level); `every_layer` is the toy MoSE experiment as configured (MoSE in
 all 4 layers), the worst case. With `--config` the config's own layout is used.
@@ -22,7 +24,7 @@ generation loader), with `min_new_tokens=max_new_tokens` passed through `MoEVisi
 tokens/s = new tokens / wall time of the K generate calls; variants run interleaved (common.time_interleaved).
 Goal: ratio_vs_dense (time) of `mose` <= 1.10. Correctness facts: `mose` and `mose_reroute` produce the same
 tokens (routing reuse is exact), and at initialisation MoSE and the widened dense model compute the dense FFNs'
-function, so their tokens agree with `dense` (up to float ties).
+function, so their tokens agree with `dense` (up to float ties); so do the upcycled expert-group and top-k models.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from benchmarks.datamodule import synthetic_data, temp_dir, toy_config
 
 NAME = "generate"
 GOAL_RATIO = 1.10
-VARIANTS = ("dense", "dense_activated", "mose", "mose_reroute")
+VARIANTS = ("dense", "dense_activated", "mose", "mose_reroute", "expert_group", "topk")
 # Overrides of the toy MoSE experiment per layout (none for `every_layer`: the experiment as configured).
 LAYOUTS = {
     "paper": ["backbone.toy.num_layers=6", "moe.layers=even", "moe.level_allocation=[1,1,1]"],
@@ -76,7 +78,7 @@ def run(args) -> dict:
     toy_dir = temp_dir("toy") / f"toy_{layout}"  # one toy per layer count (the cache checks its sizes)
     overrides = [f"data.eval_batch_size={bsz}", f"backbone.dtype={args.dtype}"] + LAYOUTS.get(layout, [])
     models = {}
-    for kind in ("dense", "mose"):
+    for kind in ("dense", "mose", *(k for k in ("expert_group", "topk") if k in wanted)):
         cfg = toy_config(args.config, str(shards), overrides + [f"moe.kind={kind}"], toy_dir=toy_dir)
         torch.manual_seed(args.seed)
         models[kind] = build_model(cfg).to(device).eval()
@@ -104,9 +106,10 @@ def run(args) -> dict:
 
         return step
 
-    fns = {"dense": make("dense", False, "dense"), "dense_activated": make("dense_activated", False, "dense_activated"),
-           "mose": make("mose", False, "mose"), "mose_reroute": make("mose", True, "mose_reroute")}
-    fns = {k: v for k, v in fns.items() if k in wanted}
+    # variant -> (model kind, re-route every step)
+    specs = {"dense": ("dense", False), "dense_activated": ("dense_activated", False), "mose": ("mose", False),
+             "mose_reroute": ("mose", True), "expert_group": ("expert_group", False), "topk": ("topk", False)}
+    fns = {name: make(kind, reroute, name) for name, (kind, reroute) in specs.items() if name in wanted}
     timings = time_interleaved(fns, repeats, warmup, device)
     synchronize(device)
 
@@ -148,7 +151,9 @@ def run(args) -> dict:
         "results": results,
         "token_agreement": {"mose_vs_mose_reroute": agreement("mose", "mose_reroute"),
                             "mose_vs_dense": agreement("mose", "dense"),
-                            "dense_activated_vs_dense": agreement("dense_activated", "dense")},
+                            "dense_activated_vs_dense": agreement("dense_activated", "dense"),
+                            "expert_group_vs_dense": agreement("expert_group", "dense"),
+                            "topk_vs_dense": agreement("topk", "dense")},
         "goal": {"mose_ratio_vs_dense_max": GOAL_RATIO,
                  "met": None if mose_ratio is None else mose_ratio <= GOAL_RATIO},
         "checks": checks,

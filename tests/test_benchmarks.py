@@ -185,6 +185,7 @@ def test_generate_benchmark_makes_the_same_tokens(capsys):
     # Routing decided on the prompt and reused (KV cache) == re-routing every step; MoSE == dense at init.
     assert result["token_agreement"]["mose_vs_mose_reroute"] == 1.0
     assert result["token_agreement"]["mose_vs_dense"] == 1.0
+    assert result["token_agreement"]["expert_group_vs_dense"] == result["token_agreement"]["topk_vs_dense"] == 1.0
     # The activated-width dense reference computes the same function with FFNs twice as wide in the MoE layers.
     assert result["token_agreement"]["dense_activated_vs_dense"] == 1.0 and res["mose"]["ratio_vs_dense_activated"] > 0
     assert cfg["dense_activated_ffn_width"] == 2 * cfg["ffn_width"]

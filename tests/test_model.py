@@ -98,8 +98,11 @@ def test_upcycled_model_computes_the_dense_model(make_config, kind, combine, bat
 # ---- 2. generation: cached routing reuse == re-routing every step ------------------------------------------------
 
 
-def test_cached_generation_matches_rerouting_every_step(make_config, gen_batch, dense_outputs):
-    model = _perturb(build_model(make_config("moe.kind=mose")))
+@pytest.mark.parametrize("kind", ["mose", "expert_group"])
+def test_cached_generation_matches_rerouting_every_step(make_config, gen_batch, dense_outputs, kind):
+    """With the KV cache, routes come from the prompt and decode steps run the slot path; re-routing every step
+    runs the whole sequence through the loop kernel each time. Same tokens, same skill chain."""
+    model = _perturb(build_model(make_config(f"moe.kind={kind}")))
     cached = model.generate(gen_batch, NEW_TOKENS)
     chain_cached = model.skill_chain()
     rerouted = model.generate(gen_batch, NEW_TOKENS, reroute_every_step=True)

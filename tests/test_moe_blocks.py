@@ -361,6 +361,41 @@ def test_mose_inference_on_few_rows_takes_the_slot_path_with_the_same_result(den
     assert not hasattr(trained, "_slot_plan") and step.grad is not None
 
 
+@pytest.mark.parametrize("shared_expert", [True, False])
+def test_expert_group_decode_steps_take_the_slot_path_with_the_same_result(dense, shared_expert):
+    """Cached decode steps of an expert-group block (one text token per sample) run the slot path on each sample's
+    text expert, planned once per routing decision, and compute what the loop kernel computes: the per-token
+    reference, 0.5 * shared + 0.5 * text expert of the sample's skill."""
+    image = torch.zeros(6, 5, dtype=torch.bool)
+    image[:, :3] = True
+    ctx = RoutingContext(image_mask=image)
+    mose = MoSEBlock.upcycle(dense, 4, "silu", ctx, 0, "perception", 0, shared_expert)
+    block = randomise(ExpertGroupBlock.from_mose(mose))
+    with torch.no_grad():
+        block.router.classifier.weight.normal_(std=3.0)
+    torch.manual_seed(7)
+    prompt = torch.randn(6, 5, H) + 3 * torch.randn(6, 1, H)
+    step = torch.randn(6, 1, H)
+    with torch.no_grad():
+        block.route(prompt)
+        block(prompt)  # prefill: image and text tokens, the loop kernel
+        assert not hasattr(block, "_slot_plan")
+        skills = block.last_route.expert.tolist()
+        assert len(set(skills)) > 1
+        ctx.decoding = True
+        out = block(step)
+        plan = block._slot_plan
+        again = block(step)
+        assert block._slot_plan is plan
+    assert plan[2].first >= 1  # slots span text experts only (odd indices) from the first skill used
+    for b, skill in enumerate(skills):
+        expected = expert_fn(block.experts, 2 * skill + ExpertGroupBlock.TEXT, step[b, 0])
+        if shared_expert:
+            expected = 0.5 * block.shared(step[b, 0]) + 0.5 * expected
+        torch.testing.assert_close(out[b, 0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, out)
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 def test_skill_router_stays_float32_in_a_bf16_block(dense, fuse):
     """bf16 would wreck a router whose large weights and bias cancel; the block still runs and trains in bf16."""

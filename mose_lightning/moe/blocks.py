@@ -173,6 +173,29 @@ class _SequenceRoutedBlock(_SharedPlusRouted):
             return route.prob / route.prob.detach()
         return torch.ones_like(route.prob)
 
+    # Inference with at most this many rows per expert (cached decode steps: one row per sequence) takes the
+    # experts' slot path: a fixed handful of ops instead of a matmul chain per expert. On rows this few the
+    # per-op overhead is the cost, not the FLOPs; training and prefill keep the loop.
+    SLOT_MAX_ROWS: int = 64
+
+    def _forward_slots(self, x: torch.Tensor, route: RouteDecision, expert_of_row) -> torch.Tensor:
+        """Inference on few rows per expert through the experts' slot path; `expert_of_row()` gives the (B * T,)
+        expert of each row of x under `route`. The layout, and whether the shared expert folds in, are prepared
+        once per routing decision (and sequence length): cached decode steps only run the matmuls."""
+        batch, seq, hidden = x.shape
+        cached = self.__dict__.get("_slot_plan")
+        if cached is None or cached[0] is not route or cached[1] != seq:
+            rows_expert = expert_of_row()
+            sizes = torch.bincount(rows_expert, minlength=self.experts.num_experts).tolist()
+            slots = ExpertSlots.plan(rows_expert, sizes)
+            shared = self.shared if fusable_shared(self.shared) else None
+            cached = self._slot_plan = (route, seq, slots, shared, *self._mix_weights())
+        _, _, slots, shared, shared_weight, routed_weight = cached
+        rows = x.reshape(batch * seq, hidden)
+        if shared is None:  # no shared expert, or one the slot path cannot fold in
+            return self._combine(x, self.experts.forward_slots(rows, slots).view(batch, seq, hidden))
+        return self.experts.forward_slots(rows, slots, shared, shared_weight, routed_weight).view(batch, seq, hidden)
+
     def _routed_scale(self, route: RouteDecision, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The gate scale as a (B, 1, 1) multiplier, or None where it is a constant 1 (no router gradient)."""
         if torch.is_grad_enabled() and route.prob.requires_grad:
@@ -204,11 +227,6 @@ class MoSEBlock(_SequenceRoutedBlock):
         shared = copy.deepcopy(dense_mlp) if shared_expert else None
         return cls(shared, experts, router, context, level_index, level_name, layer_index, combine, shared_weight)
 
-    # Inference with at most this many rows per expert (cached decode steps: one row per sequence) takes the
-    # experts' slot path: a fixed handful of ops instead of a matmul chain per expert. On rows this few the
-    # per-op overhead is the cost, not the FLOPs; training and prefill keep the loop.
-    SLOT_MAX_ROWS: int = 64
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
         route = self._current_route(x)
@@ -216,7 +234,7 @@ class MoSEBlock(_SequenceRoutedBlock):
         if self.last_expert_counts is not counts:  # (a module attribute write costs microseconds per decode step)
             self.last_expert_counts = counts
         if not torch.is_grad_enabled() and max(sizes) * seq <= self.SLOT_MAX_ROWS:
-            return self._forward_slots(x, route, sizes)
+            return self._forward_slots(x, route, lambda: route.expert.repeat_interleave(seq))
         # Whole sequences go to one expert: sort the batch by expert, then each expert's rows are contiguous.
         rows = x if is_sorted else permute_rows(x, order, inverse)
         row_sizes = [n * seq for n in sizes]
@@ -230,22 +248,6 @@ class MoSEBlock(_SequenceRoutedBlock):
         if not is_sorted:
             routed = permute_rows(routed, inverse, order)
         return self._combine(x, routed, self._routed_scale(route, routed.dtype))
-
-    def _forward_slots(self, x: torch.Tensor, route: RouteDecision, sizes) -> torch.Tensor:
-        """Inference on few rows per expert through the experts' slot path. Its layout, and whether the shared
-        expert folds in, are prepared once per routing decision: cached decode steps only run the matmuls."""
-        batch, seq, hidden = x.shape
-        cached = self.__dict__.get("_slot_plan")
-        if cached is None or cached[0] is not route or cached[1] != seq:
-            expert_of_row = route.expert.repeat_interleave(seq) if seq > 1 else route.expert
-            slots = ExpertSlots.plan(expert_of_row, [n * seq for n in sizes])
-            shared = self.shared if fusable_shared(self.shared) else None
-            cached = self._slot_plan = (route, seq, slots, shared, *self._mix_weights())
-        _, _, slots, shared, shared_weight, routed_weight = cached
-        rows = x.reshape(batch * seq, hidden)
-        if shared is None:  # no shared expert, or one the slot path cannot fold in
-            return self._combine(x, self.experts.forward_slots(rows, slots).view(batch, seq, hidden))
-        return self.experts.forward_slots(rows, slots, shared, shared_weight, routed_weight).view(batch, seq, hidden)
 
     def _dispatch_plan(self, route: RouteDecision):
         """Sort order of the batch by expert, computed once per routing decision: cached decode steps reuse the
@@ -286,6 +288,10 @@ class ExpertGroupBlock(_SequenceRoutedBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
         route = self._current_route(x)
+        if self.context.decoding and seq == 1 and not torch.is_grad_enabled() and batch <= self.SLOT_MAX_ROWS:
+            # A cached decode step: one new (text) token per sample, its skill's text expert, the same for every
+            # step of this generation, so the slot layout is planned once.
+            return self._forward_slots(x, route, lambda: 2 * route.expert + self.TEXT)
         image = self.context.image_mask
         if image is None or image.shape != (batch, seq):
             image = torch.zeros(batch, seq, dtype=torch.bool, device=x.device)
