@@ -165,6 +165,43 @@ def test_topk_aux_losses_match_hand_computed_values():
     assert block.context.aux_losses[0].item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("mask", ["none", "some", "all_padding"])
+def test_topk_routing_node_matches_autograd_through_the_plain_formulas(top_k, mask):
+    """`route_with_aux` (one node, hand-written backward) against autograd through `forward`, `load_balancing_loss`
+    and `router_z_loss`: same choices, weights and losses, same gradients for the tokens and the gate."""
+    from mose_lightning.moe import TokenTopKRouter
+
+    torch.manual_seed(4)
+    router = TokenTopKRouter(H, 4, top_k)
+    with torch.no_grad():
+        router.gate.weight.normal_(std=0.5)
+    x = torch.randn(12, H)
+    valid = {"none": None, "some": torch.arange(12) % 3 != 0, "all_padding": torch.zeros(12, dtype=torch.bool)}[mask]
+    g_w, g_b, g_z = torch.randn(12, top_k), 0.7, -0.3
+
+    results = []
+    for node in (True, False):
+        xin = x.clone().requires_grad_()
+        router.gate.weight.grad = None
+        if node:
+            top_i, weights, balance, z = router.route_with_aux(xin, valid)
+        else:
+            logits, probs, top_i, weights = router(xin)
+            balance = load_balancing_loss(probs, top_i, 4, valid)
+            z = router_z_loss(logits, valid)
+        losses = [weights, balance, z]
+        torch.autograd.backward([t for t in losses if t.requires_grad],
+                                [g for t, g in zip(losses, [g_w, torch.tensor(g_b), torch.tensor(g_z)]) if t.requires_grad])
+        results.append((top_i, weights.detach(), balance.detach(), z.detach(), xin.grad, router.gate.weight.grad.clone()))
+    (a_i, *a), (b_i, *b) = results
+    assert torch.equal(a_i, b_i)
+    for name, u, v in zip(["weights", "balance", "z", "grad x", "grad gate"], a, b):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6, msg=name)
+    if mask == "all_padding":
+        assert a[1].item() == 0.0 and a[2].item() == 0.0
+
+
 def test_topk_without_token_dropping_sends_every_token_to_k_experts(dense):
     ctx = RoutingContext()
     block = randomise(TopKMoEBlock.upcycle(dense, 4, 2, "silu", ctx, 0))

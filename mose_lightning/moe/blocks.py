@@ -41,9 +41,7 @@ from mose_lightning.moe.routing import (
     RoutingContext,
     SequenceSkillRouter,
     TokenTopKRouter,
-    load_balancing_loss,
     masked_mean,
-    router_z_loss,
 )
 
 
@@ -359,15 +357,15 @@ class TopKMoEBlock(_SharedPlusRouted):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
-        logits, probs, top_i, weights = self.router(flat)
-        k = top_i.shape[1]
         valid = self.context.attention_mask
         valid = valid.reshape(-1).bool() if valid is not None and valid.shape == (batch, seq) else None
         if torch.is_grad_enabled():
-            balance = load_balancing_loss(probs, top_i, self.experts.num_experts, valid)
-            z = router_z_loss(logits, valid)
+            top_i, weights, balance, z = self.router.route_with_aux(flat, valid)
             self.last_aux = {"load_balancing": balance.detach(), "z_loss": z.detach()}
             self.context.aux_losses.append(self.aux_loss_coef * balance + self.z_loss_coef * z)
+        else:
+            _, _, top_i, weights = self.router(flat)
+        k = top_i.shape[1]
         order, inverse, counts = sort_rows_by_expert(top_i.reshape(-1), self.experts.num_experts)
         self.last_expert_counts = counts.detach()
         if k == 1 and self._fused(x):
