@@ -346,8 +346,9 @@ class _SiluMoELoop(torch.autograd.Function):
 
 
 def _per_expert(stacked: torch.Tensor, inter: int, dim: int = 2):
-    """The gate and up halves of a stacked (E, ., .) gate_up weight (or a transposed view of it, dim=2), each as
-    a tuple of per-expert views: two dispatcher calls for all experts instead of indexing per expert."""
+    """The gate and up halves of a stacked gate_up weight split along `dim` (1 for the stored (E, 2I, H) layout, 2
+    for its (E, H, 2I) transposed view), each as a tuple of per-expert views: a few dispatcher calls for all
+    experts instead of indexing inside the loop."""
     return tuple(half.unbind(0) for half in stacked.split(inter, dim=dim))
 
 
@@ -360,8 +361,8 @@ def _stacked_grad(weight: torch.Tensor, used: Sequence[int]) -> torch.Tensor:
     other experts' slices are zeroed."""
     grad = torch.empty_like(weight)
     if len(used) < weight.shape[0]:
-        unused = [e for e in range(weight.shape[0]) if e not in set(used)]
-        grad[unused] = 0
+        used = set(used)
+        grad[[e for e in range(weight.shape[0]) if e not in used]] = 0
     return grad
 
 
