@@ -360,9 +360,10 @@ def _stacked_grad(weight: torch.Tensor, used: Sequence[int]) -> torch.Tensor:
     """An uninitialised gradient for a stacked weight whose `used` experts' slices the caller overwrites: only the
     other experts' slices are zeroed."""
     grad = torch.empty_like(weight)
-    if len(used) < weight.shape[0]:
-        used = set(used)
-        grad[[e for e in range(weight.shape[0]) if e not in used]] = 0
+    used = set(used)
+    for e in range(weight.shape[0]):
+        if e not in used:
+            grad[e].zero_()  # a slice each: an index tensor would be a host-to-device copy on a GPU
     return grad
 
 

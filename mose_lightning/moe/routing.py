@@ -131,6 +131,7 @@ class _TopKRouting(torch.autograd.Function):
       d p     = scatter of d weights / sum(top-k p) at the chosen experts  +  d balance * E * f / M   (valid rows)
       d logit = p * (d p - <d p, p>)  +  d z * 2 * lse / M * p                                        (valid rows)
     with f the fraction of assignments per expert, M the number of valid tokens and lse the row's logsumexp.
+    No host sync (the plain formulas' boolean indexing of the valid tokens had one).
     """
 
     @staticmethod
@@ -153,36 +154,30 @@ class _TopKRouting(torch.autograd.Function):
             top_p, top_i = probs.topk(top_k, dim=-1)
             norm = top_p.sum(dim=-1, keepdim=True)
             weights = top_p / norm
-        mask = None if valid is None else valid.to(probs.dtype).unsqueeze(-1)  # (N, 1)
-        count = x.shape[0] if valid is None else int(valid.sum())
-        if count == 0:
-            balance = z = probs.new_zeros(())
-            f = None
-        else:
-            chosen = top_i if valid is None else top_i[valid]
-            f = torch.bincount(chosen.reshape(-1), minlength=num_experts).to(probs.dtype) / chosen.numel()
-            mean_p = (probs if mask is None else probs * mask).sum(dim=0) / count
-            balance = num_experts * (f * mean_p).sum()
-            z = (lse.square() if mask is None else lse.square() * mask.squeeze(-1)).sum() / count
-        ctx.count = count
-        ctx.save_for_backward(x, weight, probs, top_i, norm, lse, f, mask)
+        # Over the valid tokens only (all where `valid` is None), without a host sync: with no valid token the
+        # assignment fractions f and the masked sums are zero, and so are both losses and their gradients.
+        mask = (probs.new_ones(probs.shape[0]) if valid is None else valid.to(probs.dtype)).unsqueeze(-1)  # (N, 1)
+        count = mask.sum().clamp_min(1.0)
+        f = probs.new_zeros(num_experts).scatter_add_(0, top_i.reshape(-1), mask.expand(-1, top_k).reshape(-1))
+        f = f / (count * top_k)
+        balance = num_experts * (f * (probs * mask).sum(dim=0) / count).sum()
+        z = (lse.square() * mask.squeeze(-1)).sum() / count
+        ctx.save_for_backward(x, weight, probs, top_i, norm, lse, f, mask, count)
         ctx.mark_non_differentiable(top_i)
         return top_i, weights, balance, z
 
     @staticmethod
     def backward(ctx, _grad_top_i, grad_weights, grad_balance, grad_z):
-        x, weight, probs, top_i, norm, lse, f, mask = ctx.saved_tensors
-        num_experts, count = probs.shape[-1], ctx.count
+        x, weight, probs, top_i, norm, lse, f, mask, count = ctx.saved_tensors
+        num_experts = probs.shape[-1]
         d_probs = torch.zeros_like(probs)
         if grad_weights is not None:
             d_probs.scatter_(1, top_i, grad_weights.float() / norm)
-        if count > 0 and grad_balance is not None:
-            per_token = (grad_balance.float() * num_experts / count) * f  # (E,)
-            d_probs += per_token if mask is None else mask * per_token
+        if grad_balance is not None:
+            d_probs += mask * ((grad_balance.float() * num_experts / count) * f)  # (N, 1) x (E,)
         d_logits = probs * (d_probs - (d_probs * probs).sum(dim=-1, keepdim=True))
-        if count > 0 and grad_z is not None:
-            scale = (grad_z.float() * 2.0 / count) * lse.unsqueeze(-1)  # (N, 1)
-            d_logits += (scale if mask is None else scale * mask) * probs
+        if grad_z is not None:
+            d_logits += (mask * (grad_z.float() * 2.0 / count)) * lse.unsqueeze(-1) * probs
         d_logits = d_logits.to(ctx.linear_dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
