@@ -173,7 +173,7 @@ class _SequenceRoutedBlock(_SharedPlusRouted):
 
     # Inference with at most this many rows per expert (cached decode steps: one row per sequence) takes the
     # experts' slot path: a fixed handful of ops instead of a matmul chain per expert. On rows this few the
-    # per-op overhead is the cost, not the FLOPs; training and prefill keep the loop.
+    # per-op overhead is the cost, not the FLOPs; training and longer prefills keep the loop.
     SLOT_MAX_ROWS: int = 64
 
     def _forward_slots(self, x: torch.Tensor, route: RouteDecision, expert_of_row) -> torch.Tensor:

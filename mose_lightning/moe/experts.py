@@ -428,7 +428,7 @@ class ExpertSlots:
     @classmethod
     def plan(cls, expert_of_row: torch.Tensor, sizes: Sequence[int]) -> "ExpertSlots":
         """Slots for rows whose experts are `expert_of_row` (N,), with `sizes` its rows per expert (host ints)."""
-        used = [e for e, n in enumerate(sizes) if n > 0]
+        used = _used_experts(sizes)
         if not used:
             raise ValueError("ExpertSlots.plan needs at least one row")
         first, end, capacity = used[0], used[-1] + 1, max(sizes)
