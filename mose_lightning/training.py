@@ -8,6 +8,7 @@ so a kill during a save leaves the previous good checkpoint in place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -19,10 +20,12 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.plugins.precision import FSDPPrecision, HalfPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 
 from mose_lightning.config import ExperimentConfig, save_config
 from mose_lightning.io import atomic_write_json
+from mose_lightning.moe.routing import SequenceSkillRouter
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -63,17 +66,11 @@ def _strategy(cfg: ExperimentConfig, model):
         # the unused-parameter search can stay off.
         return DDPStrategy(start_method="spawn" if name == "ddp_spawn" else "popen", find_unused_parameters=False)
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
         wrap = model.adapter.fsdp_wrap_classes(model.backbone)
-        # FSDP flattens a wrapped decoder layer into one dtype: the float32 skill routers join their layer's dtype.
-        # Under bf16-mixed, Lightning's FSDP policy also computes them from bf16 copies (param_dtype=bf16); DDP and
-        # single-device runs keep them in float32 (README, Multi-GPU).
-        for block in model.layout.sequence_routed:
-            block.router.to(block.experts.gate_up_proj.dtype)
-        return FSDPStrategy(
+        return _FSDPStrategy(
             auto_wrap_policy=wrap,
             activation_checkpointing_policy=wrap if cfg.trainer.activation_checkpointing else None,
+            mixed_precision=_fsdp_mixed_precision(cfg.trainer.precision),
             # A decoder layer mixes frozen and trainable parameters: FSDP needs the original parameters kept.
             use_orig_params=True,
             state_dict_type="full",
@@ -81,12 +78,56 @@ def _strategy(cfg: ExperimentConfig, model):
     return name
 
 
-class _BF16TrueFloat32Routers(HalfPrecision):
-    """Lightning's "bf16-true" casts the whole model; the skill routers go back to float32 right after (before DDP
-    wraps the model and the optimiser sees them), as the model keeps them (see SequenceSkillRouter)."""
+def _fsdp_mixed_precision(precision: str):
+    """Lightning's FSDP mixed-precision policy for `precision`, with the skill routers exempt.
 
-    def __init__(self, routers: List[torch.nn.Module]) -> None:
-        super().__init__("bf16-true")
+    Routers are kept in float32 (see SequenceSkillRouter): under this policy torch's FSDP wraps each router as its
+    own unit, outside its decoder layer's flat parameter (which holds one dtype), and never casts it to the
+    compute dtype; its gradients are reduced in float32 too. Without it, bf16-mixed would compute the routers from
+    bf16 copies of their weights, and the routers would have to take their layer's dtype."""
+    policy = FSDPPrecision("32-true" if precision == "32" else precision).mixed_precision_config
+    ignored = tuple(policy._module_classes_to_ignore) + (SequenceSkillRouter,)
+    return dataclasses.replace(policy, _module_classes_to_ignore=ignored)
+
+
+class _FSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP strategy, also in CPU processes (gloo), for tests and debugging of the FSDP path without a
+    GPU. torch's FSDP runs on a CPU given `device_id=torch.device("cpu")`, but Lightning passes the root device's
+    index, None on a CPU, which torch refuses without an accelerator; on a CPU the model is wrapped here instead,
+    with the same arguments, and Lightning finds it wrapped (it then only adds activation checkpointing). The
+    "fsdp" strategy flag itself is refused by Lightning on a CPU accelerator, an instance of this class is not."""
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if self.root_device.type == "cpu" and not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            model = FullyShardedDataParallel(
+                module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs,
+            )
+            # Applied already: Lightning would warn that a wrapped model ignores it.
+            self.kwargs.pop("auto_wrap_policy", None)
+        return super()._setup_model(model)
+
+    def lightning_module_state_dict(self) -> Dict[str, Any]:
+        if self.root_device.type != "cpu" or self._state_dict_type != "full":
+            return super().lightning_module_state_dict()
+        from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+
+        # Lightning gathers with offload_to_cpu, whose "move" of the gathered parameters to the CPU is a no-op on a
+        # CPU, after which torch frees them as if copied: the state dict would read freed memory (a crash).
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FullyShardedDataParallel.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
+            return self.model.state_dict()
+
+
+class _Float32Routers:
+    """For a precision plugin that casts the whole model ("bf16-true"): the skill routers go back to float32 right
+    after (before DDP or FSDP wraps the model and the optimiser sees them), as the model keeps them (see
+    SequenceSkillRouter)."""
+
+    def __init__(self, precision: str, routers: List[torch.nn.Module]) -> None:
+        super().__init__(precision)
         self._routers = routers
 
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -96,11 +137,20 @@ class _BF16TrueFloat32Routers(HalfPrecision):
         return module
 
 
+class _BF16TrueFloat32Routers(_Float32Routers, HalfPrecision):
+    pass
+
+
+class _FSDPBF16TrueFloat32Routers(_Float32Routers, FSDPPrecision):
+    pass
+
+
 def precision_and_plugins(cfg: ExperimentConfig, model) -> tuple:
-    """(the Trainer's precision argument, extra plugins). FSDP flattens routers into their layer (see _strategy)."""
+    """(the Trainer's precision argument, extra plugins)."""
     t = cfg.trainer
-    if t.precision == "bf16-true" and t.strategy != "fsdp" and model is not None:
-        return None, [_BF16TrueFloat32Routers([block.router for block in model.layout.sequence_routed])]
+    if t.precision == "bf16-true" and model is not None:
+        plugin = _FSDPBF16TrueFloat32Routers if t.strategy == "fsdp" else _BF16TrueFloat32Routers
+        return None, [plugin("bf16-true", [block.router for block in model.layout.sequence_routed])]
     return t.precision, []
 
 

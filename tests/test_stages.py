@@ -3,7 +3,8 @@
 One small synthetic set, one toy backbone and one router cache are shared by the whole file (session-scoped,
 under a pytest tmp dir); the stages chain like a user's run: pretrain-router -> sft (finds the routers by the
 pipeline's run_dir convention) -> expert-group (starts from the SFT model) -> eval. Multi-process DDP and the
-resume-after-SIGKILL tests start real `mose` / `lightning run model` processes with a timeout.
+resume-after-SIGKILL tests start real `mose` / `lightning run model` processes with a timeout; FSDP runs in two
+CPU processes (gloo) too.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -419,7 +421,7 @@ def test_nonfinite_skip_continues(root, routers, monkeypatch, capsys):
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
 
-# ---- 5. FSDP strategy (CUDA-only in Lightning: construction checked on CPU, runs in the `cuda` tests) -------
+# ---- 5. FSDP strategy: construction, and real two-process runs on the CPU (gloo) ----------------------------
 def test_fsdp_strategy_wraps_layers_not_experts(root, routers):
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -439,8 +441,11 @@ def test_fsdp_strategy_wraps_layers_not_experts(root, routers):
     assert strategy.kwargs["use_orig_params"] is True
     assert strategy._state_dict_type == "full"
     assert strategy._activation_checkpointing_kwargs == {}
-    # One dtype per flattened layer: the (float32) skill routers take their layer's dtype under FSDP.
-    assert all(b.router.classifier.weight.dtype == b.experts.gate_up_proj.dtype for b in model.layout.sequence_routed)
+    # The skill routers are exempt from mixed precision: FSDP wraps each as its own float32 unit.
+    from mose_lightning.moe import SequenceSkillRouter
+
+    assert SequenceSkillRouter in strategy.mixed_precision._module_classes_to_ignore
+    assert all(b.router.classifier.weight.dtype == torch.float32 for b in model.layout.sequence_routed)
 
     # What FSDP would wrap: every decoder layer and vision block of the backbone, and nothing inside an MoE block.
     targets = policy._run_policy(model.backbone, set(), {})
@@ -455,6 +460,130 @@ def test_fsdp_strategy_wraps_layers_not_experts(root, routers):
     cfg.trainer.activation_checkpointing = True
     strategy = training._strategy(cfg, model)
     assert set(strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes) == classes
+
+
+def _fsdp_router_logits(rank: int, port: int, overrides: List[str], exempt_routers: bool, out: str) -> None:
+    """One of two gloo processes: the toy MoSE model under torch FSDP with the strategy's wrap policy and
+    bf16-mixed precision policy (`exempt_routers=False`: Lightning's own policy, the float32 routers flattened into
+    their decoder layer's float32 parameter and cast to bf16 with it), a forward on a validation batch, and per MoSE layer the largest difference between the router
+    logits FSDP computed and the float32 router on the same pooled input (rank 0 writes them to `out`)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from mose_lightning import training
+    from mose_lightning.data.datamodule import DriveDataModule
+    from mose_lightning.model import build_model
+
+    torch.set_num_threads(1)
+    cfg = load_config(TOY, overrides + ["trainer.strategy=fsdp", "trainer.precision=bf16-mixed"])
+    model = build_model(cfg)
+    # The same batch on both ranks: read before the process group exists (the loader would split shards by rank).
+    batch = next(iter(DriveDataModule(cfg.data, model.adapter, model.processor, model.taxonomy).val_dataloader()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        blocks = model.layout.sequence_routed
+        reference = [(b.router.classifier.weight.detach().clone(), b.router.classifier.bias.detach().clone())
+                     for b in blocks]
+        strategy = training._strategy(cfg, model)
+        policy = strategy.mixed_precision
+        if not exempt_routers:
+            policy = FSDPPrecision("bf16-mixed").mixed_precision_config
+        seen = {}
+
+        def record_input_dtype(block, args):  # the dtype the decoder layer computes in: its MoE block's input
+            seen[id(block)] = args[0].dtype
+
+        for block in blocks:
+            block.register_forward_pre_hook(record_input_dtype)
+        wrapped = FSDP(model, auto_wrap_policy=strategy.kwargs["auto_wrap_policy"], mixed_precision=policy,
+                       use_orig_params=True, device_id=torch.device("cpu"))
+        with torch.no_grad():
+            wrapped(batch, with_loss=False)
+        result = []
+        for block, (weight, bias) in zip(blocks, reference):
+            route = block.last_route
+            expected = F.linear(block.router.normalise(route.pooled.float()), weight, bias)
+            result.append({"layer_dtype": str(seen[id(block)]), "logits_dtype": str(route.logits.dtype),
+                           "max_abs_diff": float((route.logits.float() - expected).abs().max()),
+                           "logit_scale": float(expected.abs().max())})
+        if rank == 0:
+            Path(out).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_mixed_computes_skill_routers_in_float32(root, routers, tmp_path):
+    """Under the strategy's FSDP mixed-precision policy the decoder layers compute in bf16 while the skill routers compute from their float32 weights: the logits equal the
+    float32 router's on the same input. The control, Lightning's plain policy with routers in their layer's flat
+    parameter, shows the error this removes (bf16 weights: logit errors far above float32 rounding)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    overrides = base_overrides(root) + [f"moe.router_checkpoint={routers / 'routers.pt'}",
+                                        f"data.val_shards={root / 'syn' / 'rule' / 'val'}", "data.eval_batch_size=4"]
+    results = {}
+    for exempt in (True, False):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = tmp_path / f"exempt_{exempt}.json"
+        mp.start_processes(_fsdp_router_logits, args=(port, overrides, exempt, str(out)), nprocs=2,
+                           start_method="spawn")
+        results[exempt] = read_json(out)
+    exempt, plain = results[True], results[False]
+    assert len(exempt) == len(plain) >= 2
+    for layer in exempt:
+        assert layer["layer_dtype"] == "torch.bfloat16" and layer["logits_dtype"] == "torch.float32"
+        assert layer["max_abs_diff"] <= 1e-5 * max(1.0, layer["logit_scale"]), layer
+    assert max(layer["max_abs_diff"] for layer in plain) > 1e-3, plain
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,checkpointing", [("bf16-mixed", True), ("bf16-true", False)])
+def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_float32_routers(root, routers, precision, checkpointing):
+    """SFT under FSDP in two CPU processes (gloo), as on GPUs: gradient clipping through the root FSDP module,
+    activation checkpointing of the decoder layers (first case), a restarted run resumes from last.ckpt, and the
+    saved model gathers every trained tensor in full. The skill
+    routers train and are saved in float32 under both precisions (their own FSDP units); the experts are float32
+    master weights under bf16-mixed and bf16 under bf16-true."""
+    from safetensors.torch import load_file
+
+    run_dir = root / f"fsdp_cpu_{precision}"
+    args = [MOSE, "sft", "--config", str(TOY), *base_overrides(root), f"run_dir={run_dir}",
+            f"moe.router_checkpoint={routers / 'routers.pt'}", "moe.router_trainable=true",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=fsdp", f"trainer.precision={precision}",
+            f"trainer.activation_checkpointing={str(checkpointing).lower()}",
+            "trainer.gradient_clip_val=1.0", "trainer.checkpoint_every_n_steps=2", "trainer.val_every_n_steps=4",
+            "data.batch_size=2"]
+    run_cmd(args + ["trainer.max_steps=2"], timeout=DDP_TIMEOUT)
+    assert _ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 2
+    out = run_cmd(args + ["trainer.max_steps=4"], timeout=DDP_TIMEOUT)
+    assert "Restoring states from the checkpoint path" in out, out[-4000:]
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["steps"] == 4 and math.isfinite(metrics["train/loss"])
+
+    weights = load_file(str(run_dir / "model" / "weights.safetensors"))
+    for name, tensor in weights.items():
+        assert torch.isfinite(tensor.float()).all(), name
+    experts = {k: v for k, v in weights.items() if k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    assert experts and {v.dtype for v in experts.values()} == {
+        torch.bfloat16 if precision == "bf16-true" else torch.float32}
+    # Every router weight is saved in full, in float32, and has trained away from the pretrained routers.
+    pretrained = torch.load(routers / "routers.pt", map_location="cpu")
+    saved = {}
+    for key, value in weights.items():
+        match = re.search(r"layers\.(\d+)\..*\.router\.(.+)$", key)
+        if match:
+            saved[f"layer{match.group(1)}.{match.group(2)}"] = value
+    assert set(saved) == set(pretrained)
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    assert all(saved[k].shape == pretrained[k].shape for k in saved)
+    assert any(not torch.equal(saved[k], pretrained[k]) for k in saved if k.endswith("weight"))
 
 
 def test_bf16_true_training_keeps_skill_routers_float32(root, routers):
@@ -508,7 +637,7 @@ def test_gpu_sft_trains_resumes_saves_and_evaluates(root, routers, strategy, pre
         assert torch.isfinite(tensor.float()).all(), name
     experts = [n for n in weights if n.endswith("experts.down_proj")]
     assert experts and all(weights[n].shape == dict(model.backbone.named_parameters())[n].shape for n in experts)
-    # Routers stay float32 except under FSDP, whose flat parameters take the layer's dtype.
+    # Routers stay float32, also under FSDP (their own units, exempt from its mixed precision).
     router_dtypes = {weights[n].dtype for n in weights if ".router." in n}
     assert router_dtypes == {torch.float32}
 

@@ -72,8 +72,8 @@ class SequenceSkillRouter(nn.Module):
         super().__init__()
         # Float32 even in a bf16 model: a linear classifier on T_mean reads small deviations from a large common
         # component, i.e. large weights and a bias that cancel each other, which bf16's 8-bit mantissa would wreck
-        # (logit errors of several units). Computed in float32. Under FSDP, whose flat parameters need one dtype per
-        # wrapped layer, the strategy casts routers to the layer's dtype (mose_lightning/training.py).
+        # (logit errors of several units). Computed in float32; under FSDP each router is its own unit, exempt from
+        # the mixed-precision policy (mose_lightning/training.py).
         self.classifier = nn.Linear(hidden_size, num_experts, bias=True, device=device, dtype=dtype)
         if self.classifier.weight.device.type != "meta":
             nn.init.normal_(self.classifier.weight, std=hidden_size**-0.5)

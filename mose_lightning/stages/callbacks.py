@@ -3,8 +3,11 @@ samples, and the expert weight-similarity matrix of the last MoE layer (the pape
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 import lightning.pytorch as pl
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from mose_lightning.evaluation.plots import expert_usage_figure, expert_weight_similarity, weight_similarity_figure
 
@@ -21,20 +24,16 @@ class RoutingVisualisation(pl.Callback):
 
     def _emit(self, trainer: pl.Trainer, module) -> None:
         writer = self._experiment(trainer)
+        stacked = _last_expert_weights(trainer, module)  # a collective under FSDP: every rank takes part
         if writer is None or not trainer.is_global_zero:
             return
         step = trainer.global_step
         usage = module.take_usage()
-        blocks = module.model.layout.blocks
         if usage is not None:
             labels = [f"L{i}" for i in module.model.layout.layer_indices][: usage.shape[0]]
             fig = expert_usage_figure(usage.numpy(), labels)
             writer.add_figure("routing/expert_usage", fig, step)
-        experts = [getattr(b, "experts", None) for b in blocks]
-        experts = [e for e in experts if e is not None]
-        if experts:
-            last = experts[-1]
-            stacked = [last.gate_up_proj.detach().float().cpu(), last.down_proj.detach().float().cpu()]
+        if stacked is not None:
             matrix = expert_weight_similarity(stacked)
             fig = weight_similarity_figure(matrix, [f"E{i}" for i in range(matrix.shape[0])])
             writer.add_figure("routing/expert_weight_similarity_last_layer", fig, step)
@@ -72,3 +71,25 @@ class RoutingVisualisation(pl.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         self._emit(trainer, module)
+
+
+def _last_expert_weights(trainer: pl.Trainer, module) -> Optional[List[torch.Tensor]]:
+    """The stacked weights of the last MoE layer's experts, in full, on global rank zero (None on the others, and
+    where no block has experts). Under FSDP each rank holds a flat shard of them: the FSDP unit holding the layer
+    is gathered for the read (a collective, so every rank must call this; only that one unit, to rank 0 only)."""
+    experts = [b.experts for b in module.model.layout.blocks if getattr(b, "experts", None) is not None]
+    if not experts:
+        return None
+    last = experts[-1]
+
+    def read() -> List[torch.Tensor]:
+        # Copies: the gathered parameters are freed when the gather ends (on a CPU, .float().cpu() would not copy).
+        return [w.detach().to("cpu", torch.float32, copy=True) for w in (last.gate_up_proj, last.down_proj)]
+
+    root = trainer.strategy.model
+    if not isinstance(root, FSDP):
+        return read() if trainer.is_global_zero else None
+    # The innermost unit whose module holds the experts (modules() lists outer units before inner ones).
+    unit = [m for m in FSDP.fsdp_modules(root) if any(sub is last for sub in m.module.modules())][-1]
+    with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True):
+        return read() if trainer.is_global_zero else None

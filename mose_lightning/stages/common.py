@@ -91,6 +91,8 @@ class FineTuneModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # The frozen backbone is rebuilt from its source on resume; storing it would multiply checkpoint size.
+        if not checkpoint["state_dict"] and not self.trainer.is_global_zero:
+            return  # FSDP gathers the full state on rank 0 only; the other ranks write no checkpoint
         keep = self._trained_keys(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
