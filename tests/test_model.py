@@ -132,6 +132,23 @@ def test_generation_routes_on_the_prompt_only(make_config, gen_batch):
     assert chain == [r.expert for r in model.skill_chain()]
 
 
+@pytest.mark.parametrize("kind", ["mose", "expert_group", "topk"])
+def test_expert_usage_after_generation_is_the_prompts(make_config, gen_batch, kind):
+    """What evaluation's expert-usage plot reads after a generation: every block's counts of the prompt's forward
+    (prefill), not of the last decode step. MoSE counts samples per expert, the token-routed blocks tokens."""
+    model = _perturb(build_model(make_config(f"moe.kind={kind}")), seed=2)
+    model.generate(gen_batch, 1)  # the prefill alone
+    prompt = [c.clone() for c in model.expert_counts()]
+    model.generate(gen_batch, NEW_TOKENS)
+    after = model.expert_counts()
+    batch_size, prompt_len = gen_batch["input_ids"].shape
+    per_layer = batch_size if kind == "mose" else batch_size * prompt_len
+    assert len(prompt) == len(after) == 4
+    for before, counts in zip(prompt, after):
+        assert int(before.sum()) == per_layer
+        assert torch.equal(before, counts)
+
+
 # ---- 3. teacher forcing ---------------------------------------------------------------------------------------------
 
 

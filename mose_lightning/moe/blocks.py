@@ -367,7 +367,10 @@ class TopKMoEBlock(_SharedPlusRouted):
             _, _, top_i, weights = self.router(flat)
         k = top_i.shape[1]
         order, inverse, counts = sort_rows_by_expert(top_i.reshape(-1), self.experts.num_experts)
-        self.last_expert_counts = counts.detach()
+        if not self.context.decoding:
+            # Expert usage of a generation is its prompt's, as for the sequence-routed blocks (whose decode steps
+            # reuse the prompt's route): a decode step's few tokens must not replace it.
+            self.last_expert_counts = counts.detach()
         if k == 1 and self._fused(x):
             # With one slot the combine weight is p / p.detach() (value 1): the kernel's straight-through gate with
             # the weight itself as its probability, whose gradient d out / d weight is the routed term.
