@@ -48,6 +48,18 @@ def randomise(block):
     return block
 
 
+def with_loop_twin(block, router_weight: torch.Tensor, router_std: float):
+    """`block` with a decisive router (`router_weight` redrawn) and a shared expert unlike the routed ones, and a
+    copy of it that never takes the slot path (the loop kernel's reference)."""
+    with torch.no_grad():
+        router_weight.normal_(std=router_std)
+        if block.shared is not None:
+            block.shared.down_proj.weight.normal_(std=0.3)
+    loop = copy.deepcopy(block)
+    loop.SLOT_MAX_ROWS = 0
+    return block, loop
+
+
 @pytest.fixture
 def dense():
     torch.manual_seed(0)
@@ -202,6 +214,22 @@ def test_topk_routing_node_matches_autograd_through_the_plain_formulas(top_k, ma
         assert a[1].item() == 0.0 and a[2].item() == 0.0
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_topk_inference_selection_matches_the_router_forward(top_k):
+    """`select` (inference) chooses the experts and combine weights that the full router forward gives."""
+    from mose_lightning.moe import TokenTopKRouter
+
+    torch.manual_seed(3)
+    router = TokenTopKRouter(H, 4, top_k)
+    with torch.no_grad():
+        router.gate.weight.normal_(std=1.0)
+        x = torch.randn(50, H)
+        _, _, top_i, weights = router(x)
+        chosen, chosen_weights = router.select(x)
+    assert torch.equal(chosen, top_i) and chosen_weights.dtype == torch.float32
+    torch.testing.assert_close(chosen_weights, weights)
+
+
 def test_topk_without_token_dropping_sends_every_token_to_k_experts(dense):
     ctx = RoutingContext()
     block = randomise(TopKMoEBlock.upcycle(dense, 4, 2, "silu", ctx, 0))
@@ -336,12 +364,13 @@ def test_loop_kernel_matches_autograd_per_expert_reference_with_empty_experts(de
 def test_expert_slots_lay_rows_out_per_expert_with_padding():
     # Rows 0, 2, 3 go to expert 2 and row 1 to expert 1; experts 0 and 3 get nothing, so the slots span experts 1-2
     # with capacity 3: expert 1 holds row 1 then two padding slots (reading row 0), expert 2 rows 0, 2, 3.
-    slots = ExpertSlots.plan(torch.tensor([2, 1, 2, 2]), [0, 1, 3, 0])
+    slots = ExpertSlots.plan(torch.tensor([2, 1, 2, 2]), 4)
     assert (slots.first, slots.end, slots.capacity, slots.num_slots) == (1, 3, 3, 6)
+    assert slots.sizes == [0, 1, 3, 0]
     assert slots.slot_row.tolist() == [1, 0, 0, 0, 2, 3]
     assert slots.row_slot.tolist() == [3, 0, 4, 5]
     with pytest.raises(ValueError, match="at least one row"):
-        ExpertSlots.plan(torch.tensor([], dtype=torch.long), [0, 0])
+        ExpertSlots.plan(torch.tensor([], dtype=torch.long), 2)
 
 
 @pytest.mark.parametrize("shared_expert", [True, False])
@@ -350,9 +379,8 @@ def test_slot_path_matches_the_per_expert_reference(dense, shared_expert):
     block = randomise(MoSEBlock.upcycle(dense, 5, "silu", RoutingContext(), 0, "perception", 0, shared_expert))
     experts = block.experts
     expert_of_row = torch.tensor([3, 1, 3, 2, 1, 3, 3])  # experts 0 and 4 empty, expert 3 pads the others
-    sizes = torch.bincount(expert_of_row, minlength=5).tolist()
     x = torch.randn(7, H)
-    slots = ExpertSlots.plan(expert_of_row, sizes)
+    slots = ExpertSlots.plan(expert_of_row, 5)
     reference = torch.stack([expert_fn(experts, int(e), x[i]) for i, e in enumerate(expert_of_row)])
     with torch.no_grad():
         torch.testing.assert_close(experts.forward_slots(x, slots), reference, rtol=1e-5, atol=1e-6)
@@ -368,12 +396,7 @@ def test_mose_inference_on_few_rows_takes_the_slot_path_with_the_same_result(den
     it computes what the loop kernel computes, and its layout is prepared once per routing decision."""
     ctx = RoutingContext()
     block = randomise(MoSEBlock.upcycle(dense, 4, "silu", ctx, 0, "perception", 0, shared_expert, combine))
-    with torch.no_grad():
-        block.router.classifier.weight.normal_(std=3.0)
-        if shared_expert:
-            block.shared.down_proj.weight.normal_(std=0.3)
-    loop = copy.deepcopy(block)
-    loop.SLOT_MAX_ROWS = 0
+    block, loop = with_loop_twin(block, block.router.classifier.weight, 3.0)
     torch.manual_seed(7)
     prompt = torch.randn(6, 5, H) + 3 * torch.randn(6, 1, H)
     step = torch.randn(6, 1, H)
@@ -431,6 +454,45 @@ def test_expert_group_decode_steps_take_the_slot_path_with_the_same_result(dense
             expected = 0.5 * block.shared(step[b, 0]) + 0.5 * expected
         torch.testing.assert_close(out[b, 0], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again, out)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("combine", ["weighted", "sum"])
+@pytest.mark.parametrize("shared_expert", [True, False])
+def test_topk_inference_on_few_tokens_takes_the_slot_path_with_the_same_result(dense, top_k, combine, shared_expert):
+    """Top-k inference on few tokens (decode steps, short prompts) runs the slot path, laid out per call since
+    every token routes itself; it computes the per-token reference from the router's own choice and weights
+    (shared and routed terms mixed by the combination rule) and what the loop kernel computes. Above
+    SLOT_MAX_ROWS rows, and whenever gradients are on, the loop kernel runs."""
+    ctx = RoutingContext()
+    block = randomise(TopKMoEBlock.upcycle(dense, 4, top_k, "silu", ctx, 0, shared_expert, combine))
+    block, loop = with_loop_twin(block, block.router.gate.weight, 1.0)
+    calls = []
+    slot_path = block.experts.forward_slots
+    block.experts.forward_slots = lambda *a, **kw: calls.append(1) or slot_path(*a, **kw)
+    torch.manual_seed(5)
+    x = torch.randn(3, 4, H)  # 12 tokens, x top_k rows: under SLOT_MAX_ROWS
+    with torch.no_grad():
+        out = block(x)
+        from_loop = loop(x)
+        _, _, top_i, weights = block.router(x.reshape(-1, H))  # the full forward: an independent choice
+    assert calls and len(set(top_i.flatten().tolist())) > 1
+    shared_w, routed_w = (1.0, 1.0) if combine == "sum" or not shared_expert else (0.5, 0.5)
+    for t, token in enumerate(x.reshape(-1, H)):
+        with torch.no_grad():
+            expected = sum(weights[t, j] * expert_fn(block.experts, int(top_i[t, j]), token) for j in range(top_k))
+            if shared_expert:
+                expected = shared_w * block.shared(token) + routed_w * expected
+        torch.testing.assert_close(out.reshape(-1, H)[t], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, from_loop, rtol=1e-5, atol=1e-6)
+    assert torch.equal(block.last_expert_counts, loop.last_expert_counts)
+    assert int(block.last_expert_counts.sum()) == 12 * top_k
+
+    calls.clear()
+    with torch.no_grad():
+        block(torch.randn(4, 20, H))  # 80 x top_k rows: the loop kernel
+    block(x.clone().requires_grad_()).sum().backward()  # training
+    assert not calls
 
 
 @pytest.mark.parametrize("fuse", [True, False])

@@ -80,6 +80,28 @@ class _SharedPlusRouted(nn.Module):
             routed = routed * coef
         return torch.add(routed, shared, alpha=alpha) if alpha != 1.0 else routed + shared
 
+    # Inference with at most this many rows per expert (cached decode steps: one row per sequence) takes the
+    # experts' slot path: a fixed handful of ops instead of a matmul chain per expert. On rows this few the
+    # per-op overhead is the cost, not the FLOPs; training and longer prefills keep the loop.
+    SLOT_MAX_ROWS: int = 64
+
+    def _through_slots(self, x: torch.Tensor, slots: ExpertSlots) -> torch.Tensor:
+        """Inference: the tokens of x (B, T, H), one expert each as `slots` lays them out, through the experts'
+        slot path and combined with the shared expert by the combination rule (folded into the slot path's last
+        matmul where the shared expert allows it)."""
+        batch, seq, hidden = x.shape
+        rows = x.reshape(batch * seq, hidden)
+        shared = self.shared
+        # fusable_shared walks three submodules, which costs as much as a small matmul on a decode step:
+        # remembered per shared module.
+        fold = self.__dict__.get("_fold_shared")
+        if fold is None or fold[0] is not shared:
+            fold = self.__dict__["_fold_shared"] = (shared, fusable_shared(shared))
+        if not fold[1]:  # no shared expert, or one the slot path cannot fold in
+            return self._combine(x, self.experts.forward_slots(rows, slots).view(batch, seq, hidden))
+        shared_weight, routed_weight = self._mix_weights()
+        return self.experts.forward_slots(rows, slots, shared, shared_weight, routed_weight).view(batch, seq, hidden)
+
     def _fused(self, x: torch.Tensor) -> bool:
         return self.fuse_shared and fusable_shared(self.shared) and self.experts.runs_silu_loop(x)
 
@@ -171,28 +193,15 @@ class _SequenceRoutedBlock(_SharedPlusRouted):
             return route.prob / route.prob.detach()
         return torch.ones_like(route.prob)
 
-    # Inference with at most this many rows per expert (cached decode steps: one row per sequence) takes the
-    # experts' slot path: a fixed handful of ops instead of a matmul chain per expert. On rows this few the
-    # per-op overhead is the cost, not the FLOPs; training and longer prefills keep the loop.
-    SLOT_MAX_ROWS: int = 64
-
     def _forward_slots(self, x: torch.Tensor, route: RouteDecision, expert_of_row) -> torch.Tensor:
         """Inference on few rows per expert through the experts' slot path; `expert_of_row()` gives the (B * T,)
-        expert of each row of x under `route`. The layout, and whether the shared expert folds in, are prepared
-        once per routing decision (and sequence length): cached decode steps only run the matmuls."""
-        batch, seq, hidden = x.shape
+        expert of each row of x under `route`. The layout is planned once per routing decision (and sequence
+        length): cached decode steps only run the matmuls."""
+        seq = x.shape[1]
         cached = self.__dict__.get("_slot_plan")
         if cached is None or cached[0] is not route or cached[1] != seq:
-            rows_expert = expert_of_row()
-            sizes = torch.bincount(rows_expert, minlength=self.experts.num_experts).tolist()
-            slots = ExpertSlots.plan(rows_expert, sizes)
-            shared = self.shared if fusable_shared(self.shared) else None
-            cached = self._slot_plan = (route, seq, slots, shared, *self._mix_weights())
-        _, _, slots, shared, shared_weight, routed_weight = cached
-        rows = x.reshape(batch * seq, hidden)
-        if shared is None:  # no shared expert, or one the slot path cannot fold in
-            return self._combine(x, self.experts.forward_slots(rows, slots).view(batch, seq, hidden))
-        return self.experts.forward_slots(rows, slots, shared, shared_weight, routed_weight).view(batch, seq, hidden)
+            cached = self._slot_plan = (route, seq, ExpertSlots.plan(expert_of_row(), self.experts.num_experts))
+        return self._through_slots(x, cached[2])
 
     def _routed_scale(self, route: RouteDecision, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The gate scale as a (B, 1, 1) multiplier, or None where it is a constant 1 (no router gradient)."""
@@ -364,8 +373,10 @@ class TopKMoEBlock(_SharedPlusRouted):
             self.last_aux = {"load_balancing": balance.detach(), "z_loss": z.detach()}
             self.context.aux_losses.append(self.aux_loss_coef * balance + self.z_loss_coef * z)
         else:
-            _, _, top_i, weights = self.router(flat)
+            top_i, weights = self.router.select(flat)
         k = top_i.shape[1]
+        if not torch.is_grad_enabled() and flat.shape[0] * k <= self.SLOT_MAX_ROWS:
+            return self._forward_slots(x, top_i, weights)
         order, inverse, counts = sort_rows_by_expert(top_i.reshape(-1), self.experts.num_experts)
         if not self.context.decoding:
             # Expert usage of a generation is its prompt's, as for the sequence-routed blocks (whose decode steps
@@ -386,3 +397,19 @@ class TopKMoEBlock(_SharedPlusRouted):
         # Reshape-sum over the k slots instead of an index_add_ scatter.
         routed = (routed * weights.to(routed.dtype).unsqueeze(-1)).sum(dim=1).view(batch, seq, hidden)
         return self._combine(x, routed)
+
+    def _forward_slots(self, x: torch.Tensor, top_i: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Inference on few tokens (decode steps, short prompts) through the experts' slot path, laid out anew
+        per call: every token routes itself. Row j of token i goes to expert top_i[i, j]."""
+        batch, seq, hidden = x.shape
+        k = top_i.shape[1]
+        slots = ExpertSlots.plan(top_i.reshape(-1), self.experts.num_experts)
+        if not self.context.decoding:
+            self.last_expert_counts = torch.tensor(slots.sizes, device=x.device)
+        if k == 1:
+            # The one combine weight is p / p.detach(): exactly 1 without a gradient, so the shared expert folds in.
+            return self._through_slots(x, slots)
+        rows = x.reshape(-1, hidden).repeat_interleave(k, dim=0)
+        routed = self.experts.forward_slots(rows, slots).view(-1, k, hidden)
+        routed = (routed * weights.to(routed.dtype).unsqueeze(-1)).sum(dim=1)
+        return self._combine(x, routed.view(batch, seq, hidden))

@@ -425,22 +425,33 @@ class ExpertSlots:
     slot_row: torch.Tensor  # (num_slots,) the row each slot reads; padding slots read the first row
     row_slot: torch.Tensor  # (N,) the slot holding each row's result
 
+    sizes: List[int]  # rows per expert, all experts
+
     @classmethod
-    def plan(cls, expert_of_row: torch.Tensor, sizes: Sequence[int]) -> "ExpertSlots":
-        """Slots for rows whose experts are `expert_of_row` (N,), with `sizes` its rows per expert (host ints)."""
+    def plan(cls, expert_of_row: torch.Tensor, num_experts: int) -> "ExpertSlots":
+        """Slots for rows whose experts are `expert_of_row` (N,), rows of an expert in row order. Worked out on the
+        host from one copy of the N expert indices: for the few rows this layout is meant for, a Python pass is
+        cheaper than the sort, scan and scatter ops that would do it on the device (a dozen ops of fixed cost each,
+        kernel launches on a GPU), and the row counts it needs are host values anyway."""
+        experts = expert_of_row.tolist()
+        sizes = [0] * num_experts
+        for e in experts:
+            sizes[e] += 1
         used = _used_experts(sizes)
         if not used:
             raise ValueError("ExpertSlots.plan needs at least one row")
         first, end, capacity = used[0], used[-1] + 1, max(sizes)
-        order, inverse, counts = sort_rows_by_expert(expert_of_row, len(sizes))
-        expert_sorted = expert_of_row.index_select(0, order)
-        starts = torch.cumsum(counts, 0) - counts
-        position = torch.arange(order.numel(), device=order.device) - starts.index_select(0, expert_sorted)
-        slot_sorted = (expert_sorted - first) * capacity + position
-        row_slot = slot_sorted.index_select(0, inverse)
-        slot_row = torch.zeros((end - first) * capacity, dtype=order.dtype, device=order.device)
-        slot_row[slot_sorted] = order
-        return cls(first, end, capacity, slot_row, row_slot)
+        fill = [0] * num_experts
+        slot_row = [0] * ((end - first) * capacity)  # padding slots read row 0
+        row_slot = []
+        for row, e in enumerate(experts):
+            slot = (e - first) * capacity + fill[e]
+            fill[e] += 1
+            slot_row[slot] = row
+            row_slot.append(slot)
+        device = expert_of_row.device
+        return cls(first, end, capacity, torch.tensor(slot_row, device=device), torch.tensor(row_slot, device=device),
+                   sizes)
 
     @property
     def num_slots(self) -> int:

@@ -114,6 +114,16 @@ class TokenTopKRouter(nn.Module):
         weights = top_p / top_p.sum(dim=-1, keepdim=True).detach()
         return logits, probs, top_i, weights
 
+    def select(self, x: torch.Tensor):
+        """(N, H) tokens -> top-k indices (N, k) and combine weights (N, k) as `forward` gives them, for inference:
+        with k = 1 the choice is the logits' argmax (softmax keeps the order) and the weight is 1, two ops instead
+        of six on a decode step."""
+        if self.top_k == 1:
+            top_i = self.gate(x).argmax(dim=-1, keepdim=True)
+            return top_i, torch.ones(top_i.shape, dtype=torch.float32, device=top_i.device)
+        _, _, top_i, weights = self.forward(x)
+        return top_i, weights
+
     def route_with_aux(self, x: torch.Tensor, valid: Optional[torch.Tensor]):
         """(N, H) tokens -> top-k indices (N, k), combine weights (N, k), load-balancing loss and z-loss over the
         `valid` (N,) tokens (all where None): what `forward`, `load_balancing_loss` and `router_z_loss` compute,
