@@ -80,9 +80,10 @@ class _SharedPlusRouted(nn.Module):
             routed = routed * coef
         return torch.add(routed, shared, alpha=alpha) if alpha != 1.0 else routed + shared
 
-    # Inference with at most this many rows per expert (cached decode steps: one row per sequence) takes the
-    # experts' slot path: a fixed handful of ops instead of a matmul chain per expert. On rows this few the
-    # per-op overhead is the cost, not the FLOPs; training and longer prefills keep the loop.
+    # Inference on at most this many rows (per expert for the sequence-routed blocks, in all for top-k; a decode
+    # step has one token per sequence) takes the experts' slot path: a fixed handful of ops instead of a matmul
+    # chain per expert. On rows this few the per-op overhead is the cost, not the FLOPs; training and longer
+    # prefills keep the loop.
     SLOT_MAX_ROWS: int = 64
 
     def _through_slots(self, x: torch.Tensor, slots: ExpertSlots) -> torch.Tensor:
