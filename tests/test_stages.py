@@ -689,12 +689,15 @@ def test_predict_prints_answer_and_skill_chain(root, sft_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_ddp_generates_each_sample_once(root, sft_run):
-    run_dir = root / "eval_ddp"
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_eval_ddp_generates_each_sample_once(root, sft_run, strategy):
+    """Two ranks share the test split; an FSDP training config evaluates data-parallel the same way."""
+    run_dir = root / f"eval_{strategy}"
     out = run_cmd([MOSE, "eval", "--config", str(TOY), *base_overrides(root), f"run_dir={run_dir}",
                    f"checkpoint={sft_run[0]}", "eval.limit=0", "eval.max_new_tokens=4", "trainer.devices=2",
-                   "trainer.strategy=ddp", "data.eval_batch_size=5"])
+                   f"trainer.strategy={strategy}", "data.eval_batch_size=5"])
     assert out.count("run dir:") == 1
+    assert ("generates data-parallel (ddp)" in out) == (strategy == "fsdp")
     keys = [json.loads(line)["key"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert sorted(keys) == shard_keys(root / "syn" / "rule" / "test")
     assert len(keys) == len(set(keys)) == SIZES["test"]

@@ -9,6 +9,7 @@ prediction as its skill chain.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -178,6 +179,14 @@ def run_eval(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
     loader = datamodule.generation_dataloader(cfg.eval.split)
     module = GenerationModule(model, cfg, parts_dir)
     t = cfg.trainer
+    if t.strategy == "fsdp":
+        # Generation runs data-parallel: a model that fits one device gains nothing from sharding, and sharded it
+        # would gather every layer again for every generated token (and Lightning's own FSDP would compute the
+        # routers from bf16 copies under bf16-mixed). Every rank holds the whole model, as under DDP.
+        if is_global_zero():
+            print("eval: trainer.strategy=fsdp generates data-parallel (ddp): every rank holds the whole model")
+        t = dataclasses.replace(t, strategy="ddp")
+        cfg = dataclasses.replace(cfg, trainer=t)
     precision, plugins = precision_and_plugins(cfg, model)
     trainer = pl.Trainer(accelerator=t.accelerator, devices=devices_arg(t.devices), strategy=t.strategy,
                          precision=precision, plugins=plugins, logger=False, enable_checkpointing=False,
