@@ -465,8 +465,9 @@ def test_fsdp_strategy_wraps_layers_not_experts(root, routers):
 def _fsdp_router_logits(rank: int, port: int, overrides: List[str], exempt_routers: bool, out: str) -> None:
     """One of two gloo processes: the toy MoSE model under torch FSDP with the strategy's wrap policy and
     bf16-mixed precision policy (`exempt_routers=False`: Lightning's own policy, the float32 routers flattened into
-    their decoder layer's float32 parameter and cast to bf16 with it), a forward on a validation batch, and per MoSE layer the largest difference between the router
-    logits FSDP computed and the float32 router on the same pooled input (rank 0 writes them to `out`)."""
+    their decoder layer's float32 parameter and cast to bf16 with it), a forward on a validation batch, and per
+    MoSE layer the largest difference between the router logits FSDP computed and the float32 router's on the same
+    pooled input (rank 0 writes them to `out`)."""
     import torch.distributed as dist
     import torch.nn.functional as F
     from lightning.pytorch.plugins.precision import FSDPPrecision
@@ -517,9 +518,10 @@ def _fsdp_router_logits(rank: int, port: int, overrides: List[str], exempt_route
 
 @pytest.mark.slow
 def test_fsdp_bf16_mixed_computes_skill_routers_in_float32(root, routers, tmp_path):
-    """Under the strategy's FSDP mixed-precision policy the decoder layers compute in bf16 while the skill routers compute from their float32 weights: the logits equal the
-    float32 router's on the same input. The control, Lightning's plain policy with routers in their layer's flat
-    parameter, shows the error this removes (bf16 weights: logit errors far above float32 rounding)."""
+    """Under the strategy's FSDP mixed-precision policy the decoder layers compute in bf16 while the skill routers
+    compute from their float32 weights: the logits equal the float32 router's on the same input. The control,
+    Lightning's plain policy with routers in their layer's flat parameter, shows the error this removes (bf16
+    weights: logit errors far above float32 rounding)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -548,9 +550,9 @@ def test_fsdp_bf16_mixed_computes_skill_routers_in_float32(root, routers, tmp_pa
 def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_float32_routers(root, routers, precision, checkpointing):
     """SFT under FSDP in two CPU processes (gloo), as on GPUs: gradient clipping through the root FSDP module,
     activation checkpointing of the decoder layers (first case), a restarted run resumes from last.ckpt, and the
-    saved model gathers every trained tensor in full. The skill
-    routers train and are saved in float32 under both precisions (their own FSDP units); the experts are float32
-    master weights under bf16-mixed and bf16 under bf16-true."""
+    saved model gathers every trained tensor in full. The skill routers train and are saved in float32 under both
+    precisions (their own FSDP units); the experts are float32 master weights under bf16-mixed and bf16 under
+    bf16-true."""
     from safetensors.torch import load_file
 
     run_dir = root / f"fsdp_cpu_{precision}"
