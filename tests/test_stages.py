@@ -586,6 +586,12 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_saves_float32_routers(root
     assert {v.dtype for v in saved.values()} == {torch.float32}
     assert all(saved[k].shape == pretrained[k].shape for k in saved)
     assert any(not torch.equal(saved[k], pretrained[k]) for k in saved if k.endswith("weight"))
+    # TensorBoard got the expert-similarity plot, read from the gathered (not the sharded) expert weights.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert "routing/expert_weight_similarity_last_layer" in events.Tags()["images"]
 
 
 def test_bf16_true_training_keeps_skill_routers_float32(root, routers):

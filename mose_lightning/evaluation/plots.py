@@ -107,6 +107,18 @@ def plot_expert_usage(usage, layer_labels: Sequence[str], path: str | os.PathLik
     return _save(expert_usage_figure(usage, layer_labels), path)
 
 
+def last_layer_experts(model):
+    """The stacked experts of the model's last MoE layer (the paper's Fig. 7 compares their weights), or None
+    where no MoE block has experts."""
+    experts = [b.experts for b in model.layout.blocks if getattr(b, "experts", None) is not None]
+    return experts[-1] if experts else None
+
+
+def experts_similarity(experts) -> np.ndarray:
+    """`expert_weight_similarity` of one stacked-experts module's gate/up and down projections."""
+    return expert_weight_similarity([experts.gate_up_proj, experts.down_proj])
+
+
 def expert_weight_similarity(stacked_weights: Sequence) -> np.ndarray:
     """(E, E) cosine similarity of the experts' flattened weights (paper Fig. 7).
 
@@ -117,10 +129,16 @@ def expert_weight_similarity(stacked_weights: Sequence) -> np.ndarray:
         raise ValueError("expert_weight_similarity: give at least one stacked weight tensor")
     parts = []
     for i, w in enumerate(stacked_weights):
-        arr = w.detach().float().cpu().numpy() if hasattr(w, "detach") else np.asarray(w, dtype=np.float64)
+        if hasattr(w, "detach"):
+            t = w.detach().cpu().double()
+            # A copy, never a view: numpy's view would pin the tensor's storage (FSDP frees gathered parameters by
+            # resizing theirs after the read).
+            arr = (t.clone() if t.data_ptr() == w.data_ptr() else t).numpy()
+        else:
+            arr = np.asarray(w, dtype=np.float64)
         if arr.ndim < 2:
             raise ValueError(f"stacked_weights[{i}] must be shaped (experts, ...), got shape {arr.shape}")
-        parts.append(arr.reshape(arr.shape[0], -1).astype(np.float64))
+        parts.append(arr.reshape(arr.shape[0], -1).astype(np.float64, copy=False))
     experts = {p.shape[0] for p in parts}
     if len(experts) != 1:
         raise ValueError(f"stacked weights disagree on the number of experts: {sorted(experts)}")

@@ -3,13 +3,15 @@ samples, and the expert weight-similarity matrix of the last MoE layer (the pape
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import lightning.pytorch as pl
-import torch
+import numpy as np
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from mose_lightning.evaluation.plots import expert_usage_figure, expert_weight_similarity, weight_similarity_figure
+from mose_lightning.evaluation.plots import (
+    expert_usage_figure, experts_similarity, last_layer_experts, weight_similarity_figure,
+)
 
 
 class RoutingVisualisation(pl.Callback):
@@ -24,7 +26,7 @@ class RoutingVisualisation(pl.Callback):
 
     def _emit(self, trainer: pl.Trainer, module) -> None:
         writer = self._experiment(trainer)
-        stacked = _last_expert_weights(trainer, module)  # a collective under FSDP: every rank takes part
+        similarity = _last_layer_similarity(trainer, module)  # a collective under FSDP: every rank takes part
         if writer is None or not trainer.is_global_zero:
             return
         step = trainer.global_step
@@ -33,9 +35,8 @@ class RoutingVisualisation(pl.Callback):
             labels = [f"L{i}" for i in module.model.layout.layer_indices][: usage.shape[0]]
             fig = expert_usage_figure(usage.numpy(), labels)
             writer.add_figure("routing/expert_usage", fig, step)
-        if stacked is not None:
-            matrix = expert_weight_similarity(stacked)
-            fig = weight_similarity_figure(matrix, [f"E{i}" for i in range(matrix.shape[0])])
+        if similarity is not None:
+            fig = weight_similarity_figure(similarity, [f"E{i}" for i in range(similarity.shape[0])])
             writer.add_figure("routing/expert_weight_similarity_last_layer", fig, step)
         if self._chains:
             rows = ["| key | task | question | skill chain (layer: skill p) |", "|---|---|---|---|"]
@@ -73,23 +74,18 @@ class RoutingVisualisation(pl.Callback):
         self._emit(trainer, module)
 
 
-def _last_expert_weights(trainer: pl.Trainer, module) -> Optional[List[torch.Tensor]]:
-    """The stacked weights of the last MoE layer's experts, in full, on global rank zero (None on the others, and
-    where no block has experts). Under FSDP each rank holds a flat shard of them: the FSDP unit holding the layer
-    is gathered for the read (a collective, so every rank must call this; only that one unit, to rank 0 only)."""
-    experts = [b.experts for b in module.model.layout.blocks if getattr(b, "experts", None) is not None]
-    if not experts:
+def _last_layer_similarity(trainer: pl.Trainer, module) -> Optional[np.ndarray]:
+    """The weight similarity of the last MoE layer's experts on global rank zero (None on the others, and where no
+    block has experts). Under FSDP each rank holds a flat shard of them: the FSDP unit holding the layer is gathered
+    for the read (a collective, so every rank must call this; only that one unit, to rank 0 only)."""
+    last = last_layer_experts(module.model)
+    if last is None:
         return None
-    last = experts[-1]
-
-    def read() -> List[torch.Tensor]:
-        # Copies: the gathered parameters are freed when the gather ends (on a CPU, .float().cpu() would not copy).
-        return [w.detach().to("cpu", torch.float32, copy=True) for w in (last.gate_up_proj, last.down_proj)]
-
     root = trainer.strategy.model
     if not isinstance(root, FSDP):
-        return read() if trainer.is_global_zero else None
+        return experts_similarity(last) if trainer.is_global_zero else None
     # The innermost unit whose module holds the experts (modules() lists outer units before inner ones).
     unit = [m for m in FSDP.fsdp_modules(root) if any(sub is last for sub in m.module.modules())][-1]
     with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True):
-        return read() if trainer.is_global_zero else None
+        # Computed inside: the similarity copies the weights before the gathered parameters are freed.
+        return experts_similarity(last) if trainer.is_global_zero else None

@@ -142,7 +142,7 @@ def run_meta(model, cfg: ExperimentConfig, records: List[Dict[str, Any]]) -> Dic
 
 def write_plots(run_dir: Path, records, usage, model) -> List[str]:
     from mose_lightning.evaluation.plots import (
-        expert_weight_similarity, plot_expert_usage, plot_skill_chain_frequency, plot_weight_similarity,
+        experts_similarity, last_layer_experts, plot_expert_usage, plot_skill_chain_frequency, plot_weight_similarity,
     )
 
     written = []
@@ -151,11 +151,9 @@ def write_plots(run_dir: Path, records, usage, model) -> List[str]:
     if usage is not None:
         labels = [f"L{i}" for i in model.layout.layer_indices][: usage.shape[0]]
         written.append(str(plot_expert_usage(usage.numpy(), labels, run_dir / "expert_usage.png")))
-    experts = [getattr(b, "experts", None) for b in model.layout.blocks]
-    experts = [e for e in experts if e is not None]
-    if experts:
-        last = experts[-1]
-        matrix = expert_weight_similarity([last.gate_up_proj.detach().float().cpu(), last.down_proj.detach().float().cpu()])
+    last = last_layer_experts(model)
+    if last is not None:
+        matrix = experts_similarity(last)
         written.append(str(plot_weight_similarity(matrix, [f"E{i}" for i in range(matrix.shape[0])],
                                                   run_dir / "expert_similarity.png", transform="log")))
     return written
