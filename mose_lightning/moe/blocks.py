@@ -394,10 +394,8 @@ class TopKMoEBlock(_SharedPlusRouted):
             routed = self.experts(permute_rows(flat, order, inverse), counts)
             routed = permute_rows(routed, inverse, order).view(batch, seq, hidden)
             return self._combine(x, routed, weights.to(routed.dtype).view(batch, seq, 1))
-        routed = self.experts(flat[order // k], counts)[inverse].view(-1, k, hidden)
-        # Reshape-sum over the k slots instead of an index_add_ scatter.
-        routed = (routed * weights.to(routed.dtype).unsqueeze(-1)).sum(dim=1).view(batch, seq, hidden)
-        return self._combine(x, routed)
+        routed = self.experts(flat[order // k], counts)[inverse]
+        return self._combine(x, _sum_over_slots(routed, weights).view(batch, seq, hidden))
 
     def _forward_slots(self, x: torch.Tensor, top_i: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Inference on few tokens (decode steps, short prompts) through the experts' slot path, laid out anew
@@ -410,7 +408,12 @@ class TopKMoEBlock(_SharedPlusRouted):
         if k == 1:
             # The one combine weight is p / p.detach(): exactly 1 without a gradient, so the shared expert folds in.
             return self._through_slots(x, slots)
-        rows = x.reshape(-1, hidden).repeat_interleave(k, dim=0)
-        routed = self.experts.forward_slots(rows, slots).view(-1, k, hidden)
-        routed = (routed * weights.to(routed.dtype).unsqueeze(-1)).sum(dim=1)
-        return self._combine(x, routed.view(batch, seq, hidden))
+        routed = self.experts.forward_slots(x.reshape(-1, hidden).repeat_interleave(k, dim=0), slots)
+        return self._combine(x, _sum_over_slots(routed, weights).view(batch, seq, hidden))
+
+
+def _sum_over_slots(routed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N * k, H) expert outputs, row j of token i at i * k + j, mixed by the (N, k) combine weights into (N, H):
+    a reshape-sum over the k slots instead of an index_add_ scatter."""
+    k = weights.shape[1]
+    return (routed.view(-1, k, routed.shape[-1]) * weights.to(routed.dtype).unsqueeze(-1)).sum(dim=1)

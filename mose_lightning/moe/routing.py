@@ -8,7 +8,7 @@ on a `RoutingContext` that every block of the model holds a reference to.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
