@@ -43,7 +43,8 @@ def _overrides(values: List[str]) -> List[str]:
 def _quiet_known_warnings() -> None:
     """Lightning and transformers notices that say nothing about the user's run."""
     for pattern in (".*LeafSpec.*", ".*IterableDataset.*has `__len__` defined.*", ".*module\\(s\\) in eval mode.*",
-                    ".*does not have many workers.*", ".*predict returned None.*"):
+                    ".*does not have many workers.*", ".*predict returned None.*",
+                    ".*infer the batch indices fetched from your dataloader.*"):
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("LITLOGGER_DISABLE_TIP", "1")
 

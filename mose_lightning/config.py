@@ -101,9 +101,16 @@ class MoEConfig:
     #   sum:      shared(x) + expert(x) with the routed experts' down projection starting at zero (a zero delta).
     combine: str = "weighted"
     shared_weight: float = 0.5
-    # MoSE: use the sample's skill labels instead of the router's choice (when the batch carries labels).
+    # MoSE training: route by the sample's skill labels instead of the router's choice (where a sample has them).
+    # Evaluation always routes by the routers.
     teacher_forcing: bool = False
     router_trainable: bool = False
+    # Coefficient of the skill cross-entropy of every skill router during SFT, on the samples that carry skill
+    # labels (0: off). Needs router_trainable; keeps the routers on their skills while the experts change.
+    router_skill_loss: float = 0.0
+    # What the skill routers read: own_layer (T_mean entering their own decoder layer, the paper's description) |
+    # first_moe_layer (every router reads T_mean entering the first MoSE layer, which fine-tuning cannot shift).
+    router_input: str = "own_layer"
     # Router pretraining checkpoint (routers.pt) that SFT loads into the MoSE routers.
     router_checkpoint: Optional[str] = None
     aux_loss_coef: float = 0.01
@@ -120,6 +127,10 @@ class MoEConfig:
         _choice("moe", "kind", self.kind, ["dense", "topk", "mose", "expert_group"])
         _choice("moe", "combine", self.combine, ["weighted", "sum"])
         _choice("moe", "dispatch", self.dispatch, ["auto", "grouped_mm", "loop"])
+        _choice("moe", "router_input", self.router_input, ["own_layer", "first_moe_layer"])
+        _positive("moe", "router_skill_loss", self.router_skill_loss, allow_zero=True)
+        if self.router_skill_loss > 0 and not self.router_trainable:
+            raise ConfigError("moe.router_skill_loss > 0 trains the skill routers: set moe.router_trainable=true too")
         if not 0.0 <= self.shared_weight < 1.0:
             raise ConfigError(f"moe.shared_weight: expected a number in [0, 1), got {self.shared_weight!r}")
         if self.num_experts < 1:

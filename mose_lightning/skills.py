@@ -61,6 +61,13 @@ class SkillTaxonomy:
                 return lv
         raise KeyError(f"unknown level {name!r}; known: {self.level_names}")
 
+    def skill_name(self, level: str, expert: int) -> str:
+        """The skill a level maps to an expert, or "expert<e>" for an expert no skill maps to."""
+        for s in self.level(level).skills:
+            if s.expert == expert:
+                return s.name
+        return f"expert{expert}"
+
     def expert_index(self, level: str, skill: Optional[str]) -> int:
         """Expert index of a skill at a level; None (unannotated) maps to the level's general skill."""
         return self.level(level).skill(skill or GENERAL).expert

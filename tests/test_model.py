@@ -61,7 +61,12 @@ def gen_batch(datamodule):
 def dense_outputs(dense, batch, gen_batch):
     with torch.no_grad():
         logits = dense(batch).logits
-    return logits, dense.generate(gen_batch, NEW_TOKENS)
+    return logits, dense.generate(gen_batch, NEW_TOKENS).tokens
+
+
+def _chain(routes):
+    """(layer, level, experts per sample) of each routed layer."""
+    return [(r.layer, r.level, r.expert.tolist()) for r in routes]
 
 
 def _perturb(model, seed=0, expert_std=0.05, router_std=3.0):
@@ -91,7 +96,7 @@ def test_upcycled_model_computes_the_dense_model(make_config, kind, combine, bat
         logits = model(batch).logits
     assert logits.shape == dense_logits.shape
     torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
-    tokens = model.generate(gen_batch, NEW_TOKENS)
+    tokens = model.generate(gen_batch, NEW_TOKENS).tokens
     assert torch.equal(tokens, dense_tokens)
 
 
@@ -104,32 +109,29 @@ def test_cached_generation_matches_rerouting_every_step(make_config, gen_batch, 
     runs the whole sequence through the loop kernel each time. Same tokens, same skill chain."""
     model = _perturb(build_model(make_config(f"moe.kind={kind}")))
     cached = model.generate(gen_batch, NEW_TOKENS)
-    chain_cached = model.skill_chain()
     rerouted = model.generate(gen_batch, NEW_TOKENS, reroute_every_step=True)
-    chain_rerouted = model.skill_chain()
 
     # The perturbation is strong enough to matter: samples take different experts, and the output is no longer
     # the dense model's (so identical tokens below are not trivially explained by equal experts).
-    assert len(chain_cached) == 4
-    assert any(len(set(route.expert)) > 1 for route in chain_cached)
-    assert not torch.equal(cached, dense_outputs[1])
+    assert len(cached.routes) == 4
+    assert any(len(set(route.expert.tolist())) > 1 for route in cached.routes)
+    assert not torch.equal(cached.tokens, dense_outputs[1])
 
-    assert torch.equal(cached, rerouted)
-    assert [(r.layer, r.level, r.expert) for r in chain_cached] == [(r.layer, r.level, r.expert) for r in chain_rerouted]
-    for a, b in zip(chain_cached, chain_rerouted):
-        assert a.prob == pytest.approx(b.prob, abs=1e-5)
+    assert torch.equal(cached.tokens, rerouted.tokens)
+    assert _chain(cached.routes) == _chain(rerouted.routes)
+    for a, b in zip(cached.routes, rerouted.routes):
+        torch.testing.assert_close(a.prob, b.prob, atol=1e-5, rtol=1e-5)
 
 
 def test_generation_routes_on_the_prompt_only(make_config, gen_batch):
     """The route of a generated batch equals the route of a plain forward over the same prompts."""
     model = _perturb(build_model(make_config("moe.kind=mose")), seed=1)
-    model.generate(gen_batch, 3)
-    chain = [r.expert for r in model.skill_chain()]
+    generated = model.generate(gen_batch, 3)
     prompt_only = {k: v for k, v in gen_batch.items() if k != "labels"}
     prompt_only["prompt_mask"] = gen_batch["attention_mask"].bool()
     with torch.no_grad():
-        model(prompt_only, with_loss=False)
-    assert chain == [r.expert for r in model.skill_chain()]
+        out = model(prompt_only, with_loss=False)
+    assert _chain(generated.routes) == _chain(out.routes)
 
 
 @pytest.mark.parametrize("kind", ["mose", "expert_group", "topk"])
@@ -137,10 +139,8 @@ def test_expert_usage_after_generation_is_the_prompts(make_config, gen_batch, ki
     """What evaluation's expert-usage plot reads after a generation: every block's counts of the prompt's forward
     (prefill), not of the last decode step. MoSE counts samples per expert, the token-routed blocks tokens."""
     model = _perturb(build_model(make_config(f"moe.kind={kind}")), seed=2)
-    model.generate(gen_batch, 1)  # the prefill alone
-    prompt = [c.clone() for c in model.expert_counts()]
-    model.generate(gen_batch, NEW_TOKENS)
-    after = model.expert_counts()
+    prompt = model.generate(gen_batch, 1).expert_counts  # the prefill alone
+    after = model.generate(gen_batch, NEW_TOKENS).expert_counts
     batch_size, prompt_len = gen_batch["input_ids"].shape
     per_layer = batch_size if kind == "mose" else batch_size * prompt_len
     assert len(prompt) == len(after) == 4
@@ -156,7 +156,8 @@ def _expected_router_choice(model, batch):
     """Independent expectation: argmax of each MoSE router on the mean of the prompt tokens entering its layer,
     taken from the backbone's own hidden-state outputs (hidden_states[i] is the input of decoder layer i)."""
     inputs = model.adapter.model_inputs(batch)
-    with torch.no_grad(), model.routing(batch["prompt_mask"], None):
+    model.layout.context.begin(batch["prompt_mask"])
+    with torch.no_grad():
         out = model.backbone(**inputs, use_cache=False, output_hidden_states=True)
     expected = []
     for block in model.layout.sequence_routed:
@@ -171,27 +172,26 @@ def _expected_router_choice(model, batch):
 
 @pytest.mark.parametrize("teacher_forcing", [True, False])
 def test_routing_follows_teacher_labels_or_router(make_config, batch, teacher_forcing):
-    model = _perturb(build_model(make_config("moe.kind=mose", f"moe.teacher_forcing={str(teacher_forcing).lower()}")),
-                     seed=2)
+    model = _perturb(build_model(make_config("moe.kind=mose")), seed=2)
     labels = batch["skill_labels"].clone()
     assert labels.shape == (4, 3) and (labels >= 0).all()
     labels[0] = -1  # an unannotated sample: the router decides for it even under teacher forcing
     routed = dict(batch, skill_labels=labels)
     with torch.no_grad():
-        model(routed)
-    chain = model.skill_chain()
+        out = model(routed, route_source="labels" if teacher_forcing else "router")
+    chain = _chain(out.routes)
     router_choice = _expected_router_choice(model, batch)
-    assert [r.level for r in chain] == ["perception", "prediction", "planning", "planning"]
+    assert [level for _, level, _ in chain] == ["perception", "prediction", "planning", "planning"]
     level_index = {"perception": 0, "prediction": 1, "planning": 2}
-    for route, from_router in zip(chain, router_choice):
+    for (_, level, expert), from_router in zip(chain, router_choice):
         if teacher_forcing:
-            expected = [from_router[0]] + labels[1:, level_index[route.level]].tolist()
+            expected = [from_router[0]] + labels[1:, level_index[level]].tolist()
         else:
             expected = from_router
-        assert route.expert == expected, route
+        assert expert == expected, level
     if teacher_forcing:
         # Forcing makes a difference for this batch (else the test would not tell the two apart).
-        assert any(r.expert[1:] != c[1:] for r, c in zip(chain, router_choice))
+        assert any(e[1:] != c[1:] for (_, _, e), c in zip(chain, router_choice))
 
 
 def test_generation_routes_by_router_even_for_a_teacher_forced_model(make_config, gen_batch):
@@ -199,16 +199,13 @@ def test_generation_routes_by_router_even_for_a_teacher_forced_model(make_config
     model = _perturb(build_model(make_config("moe.kind=mose", "moe.teacher_forcing=true")), seed=2)
     labels = gen_batch["skill_labels"]
     assert (labels >= 0).all()
-    model.generate(gen_batch, 2)
-    by_router = [r.expert for r in model.skill_chain()]
-    model.generate(gen_batch, 2, teacher_forcing=True)
-    oracle = [r.expert for r in model.skill_chain()]
+    by_router = [e for _, _, e in _chain(model.generate(gen_batch, 2).routes)]
+    oracle = [e for _, _, e in _chain(model.generate(gen_batch, 2, route_source="labels").routes)]
     level_index = {"perception": 0, "prediction": 1, "planning": 2}
     assert oracle == [labels[:, level_index[block.level_name]].tolist() for block in model.layout.sequence_routed]
     assert by_router != oracle
     plain = _perturb(build_model(make_config("moe.kind=mose")), seed=2)
-    plain.generate(gen_batch, 2)
-    assert by_router == [r.expert for r in plain.skill_chain()]
+    assert by_router == [e for _, _, e in _chain(plain.generate(gen_batch, 2).routes)]
 
 
 # ---- 4. what trains -------------------------------------------------------------------------------------------------
@@ -249,7 +246,7 @@ def test_gradients_reach_only_trainable_parameters(make_config, batch, router_tr
     # Shared experts and the stacked skill experts learn (the chosen experts' slices at least).
     for block_name in [n for n in trainable if n.endswith("experts.gate_up_proj")]:
         assert _has_grad(params[block_name])
-    assert all(_has_grad(params[n]) for n in trainable if ".mlp.shared." in n)
+    assert all(_has_grad(params[n]) for n in trainable if ".mlp.experts.shared." in n)
     # Nothing outside the MoE blocks has a gradient.
     assert not any(p.grad is not None for n, p in params.items() if ".mlp." not in n)
 
@@ -300,9 +297,10 @@ def test_save_load_round_trip_is_bit_identical(saved, batch):
     assert sorted(os.listdir(directory)) == ["config.yaml", "model.json", "weights.safetensors"]
     loaded = load_model(directory, expected=model.cfg)
     with torch.no_grad():
-        again = loaded(batch).logits
-    assert torch.equal(again, logits)
-    assert [r.expert for r in loaded.skill_chain()] == [r.expert for r in model.skill_chain()]
+        again = loaded(batch)
+        before = model(batch)
+    assert torch.equal(again.logits, logits)
+    assert _chain(again.routes) == _chain(before.routes)
 
 
 def test_saving_a_model_whose_layers_are_wrapped_as_under_fsdp(saved, batch, tmp_path):
@@ -310,7 +308,7 @@ def test_saving_a_model_whose_layers_are_wrapped_as_under_fsdp(saved, batch, tmp
     saved, the backbone fingerprint and the loaded model are the unwrapped model's, given the gathered state."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from mose_lightning.checkpoint import backbone_fingerprint, saved_parameter_names
+    from mose_lightning.checkpoint import backbone_fingerprint, saved_tensor_names
 
     model, directory, logits = saved
     wrapped = copy.deepcopy(model)
@@ -318,7 +316,7 @@ def test_saving_a_model_whose_layers_are_wrapped_as_under_fsdp(saved, batch, tmp
     for i in range(len(layers)):
         layers[i] = checkpoint_wrapper(layers[i])
     assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.backbone.named_parameters())
-    assert saved_parameter_names(wrapped) == saved_parameter_names(model)
+    assert saved_tensor_names(wrapped) == saved_tensor_names(model)
     gathered = copy.deepcopy(model.backbone.state_dict())  # what an FSDP run gathers: clean names
     assert backbone_fingerprint(wrapped, gathered) == backbone_fingerprint(model)
     again = save_model(wrapped, tmp_path / "model", full_state=gathered)
