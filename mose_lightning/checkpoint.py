@@ -213,7 +213,7 @@ def load_model(path: str | os.PathLike, expected: Optional[ExperimentConfig] = N
     cfg = load_config(directory / "config.yaml", overrides)
     if expected is not None:
         check_compatible(cfg, expected, str(directory))
-    cfg.moe.router_checkpoint = None  # the saved weights carry the trained routers
+    # The saved weights carry the trained routers; moe.router_checkpoint stays as the record of where they started.
     backbone_state = dense_backbone_weights(cfg.backbone.init_checkpoint) if cfg.backbone.init_checkpoint else None
     model = build_model(cfg, backbone_state=backbone_state)
     meta = json.loads((directory / META).read_text())

@@ -33,6 +33,7 @@ STAGE_RUNNERS = {
     "eval": ("eval", "mose_lightning.stages.evaluate", "run_eval"),
 }
 STAGES = tuple(STAGE_RUNNERS)
+_TOY_MOSE = Path(__file__).resolve().parent.parent / "configs" / "experiment" / "toy_mose.yaml"
 
 
 def _overrides(values: List[str]) -> List[str]:
@@ -63,6 +64,15 @@ def _one_rank_at_a_time(cfg):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def apply_cpu_training_settings(cfg) -> None:
+    """The CPU allocator settings (`trainer.cpu_allocator_tuning`) for a training command on a CPU, before any
+    model is built: PyTorch reads the huge-page switch at its first large allocation."""
+    from mose_lightning.cpu_memory import trains_on_cpu, tune_cpu_allocator
+
+    if cfg.trainer.cpu_allocator_tuning and trains_on_cpu(cfg.trainer.accelerator):
+        tune_cpu_allocator()
+
+
 def run_stage_command(stage: str, config: str, overrides: List[str]):
     from mose_lightning import pipeline
 
@@ -71,6 +81,8 @@ def run_stage_command(stage: str, config: str, overrides: List[str]):
     if stage not in STAGE_RUNNERS:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
     prepared_as, module_name, function = STAGE_RUNNERS[stage]
+    if stage != "eval":
+        apply_cpu_training_settings(cfg)
     with _one_rank_at_a_time(cfg):
         pipeline.prepare(cfg, prepared_as)
     run = getattr(importlib.import_module(module_name), function)
@@ -198,10 +210,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         elif args.command == "demo":
             from mose_lightning.demo import run_demo
 
+            apply_cpu_training_settings(load_config(args.config or _TOY_MOSE, _overrides(args.overrides)))
             run_demo(args.config, _overrides(args.overrides))
         elif args.command == "reproduce-toy":
             from mose_lightning.demo import run_reproduce_toy
 
+            apply_cpu_training_settings(load_config(_TOY_MOSE, _overrides(args.overrides)))
             run_reproduce_toy(_overrides(args.overrides))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -241,6 +241,10 @@ class TrainerConfig:
     seed: int = 0
     # torch intra-op threads per process; 0 keeps torch's default. Tiny models (the toy) run faster on one thread.
     num_threads: int = 0
+    # Training on a CPU: huge pages for large allocations and glibc keeping freed memory for reuse
+    # (mose_lightning/cpu_memory.py has what each costs). Applied by the command line before the model is built;
+    # never for evaluation or on GPUs.
+    cpu_allocator_tuning: bool = True
 
     def __post_init__(self) -> None:
         _choice("trainer", "strategy", self.strategy, ["auto", "ddp", "ddp_spawn", "fsdp", "single_device"])

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 from mose_lightning import pipeline
 from mose_lightning.config import PROJECT_ROOT, load_config
+from mose_lightning.evaluation.routing_metrics import format_accuracies
 from mose_lightning.io import atomic_write_json, atomic_write_text
 
 EXPERIMENTS = PROJECT_ROOT / "configs" / "experiment"
@@ -51,7 +52,11 @@ def run_demo(config: Optional[str] = None, overrides: Sequence[str] = ()) -> Pat
     eval_dir, _ = run_eval(ev)
     print()
     print((eval_dir / "results.md").read_text())
-    print("router accuracy (held-out): " + ", ".join(
+    routing = json.loads((eval_dir / "scores.json").read_text())["scores"].get("routing") or {}
+    print("routing accuracy of the evaluated model (test split, per level): "
+          + ", ".join(format_accuracies(routing.get("levels") or {})))
+    print("  per MoE layer: " + ", ".join(format_accuracies({f"L{k}": v for k, v in (routing.get("layers") or {}).items()})))
+    print("router pretraining accuracy (held-out, before SFT): " + ", ".join(
         f"{k.split('/')[-1]} {v:.3f}" for k, v in router_metrics.items() if k.startswith("router/acc/")))
     print(f"SFT final train loss: {sft_metrics.get('train/loss', float('nan')):.4f}")
     print(f"TensorBoard:  .venv/bin/tensorboard --logdir {root}")

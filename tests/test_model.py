@@ -502,30 +502,43 @@ def test_activation_checkpointing_gives_the_same_gradients(make_config, batch):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_package_import_turns_on_huge_pages_for_cpu_allocations_unless_set():
-    """THP_MEM_ALLOC_ENABLE must be in the environment before PyTorch's first large allocation."""
-    code = "import mose_lightning, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+def test_importing_the_package_changes_nothing_in_the_process():
+    """No environment variable set, no allocator setting changed: a freed 64 MB tensor is unmapped as glibc does
+    by default (the resident size drops by it)."""
+    code = (
+        "import os, resource, mose_lightning, mose_lightning.cli, mose_lightning.model, torch\n"
+        "def resident():\n"
+        "    with open('/proc/self/statm') as f:\n"
+        "        return int(f.read().split()[1]) * resource.getpagesize()\n"
+        "grad = torch.empty(16 * 1024 * 1024).fill_(1.0)\n"
+        "held = resident()\n"
+        "del grad\n"
+        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), held - resident())\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "1"
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"}, capture_output=True,
-                         text=True, check=True)
-    assert out.stdout.strip() == "0"
+    thp, released = out.stdout.split()
+    assert thp == "None" and int(released) >= 56 * 1024 * 1024, out.stdout
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and Linux page-fault counts")
-def test_package_import_makes_freed_cpu_memory_reused_by_later_steps():
-    """A 64 MB gradient-sized tensor freed at the end of a step stays in the process (glibc neither unmaps nor
-    trims it), so later steps' tensors reuse its pages instead of faulting fresh ones in; with
-    MOSE_REUSE_FREED_CPU_MEMORY=0 glibc unmaps it on free (the resident size drops by it) and every step faults in
-    every page again (at least 32: one per 2 MB huge page, more where the kernel falls back to 4 KiB pages).
+def test_cpu_allocator_tuning_makes_freed_memory_reused_by_later_steps():
+    """After `tune_cpu_allocator()` (what CPU training commands call) huge pages are on and a 64 MB gradient-sized
+    tensor freed at the end of a step stays in the process (glibc neither unmaps nor trims it), so later steps'
+    tensors reuse its pages instead of faulting fresh ones in; without it glibc unmaps it on free (the resident
+    size drops by it) and every step faults in every page again (at least 32: one per 2 MB huge page, more where
+    the kernel falls back to 4 KiB pages).
 
     Which later step first reuses it is glibc's business: it pads a page-aligned request, so a freed chunk can be a
     little too small for the next one until its neighbours are free too. Beside a running test suite, 50 runs of
     16 steps allocated anew for up to seven steps after the first, then reused every step; on an idle machine at
     most the second step allocates anew. So: memory kept on free, and reuse within the 16 steps."""
     code = (
-        "import resource, mose_lightning, torch\n"
+        "import os, resource, sys, torch\n"
+        "from mose_lightning.cpu_memory import tune_cpu_allocator\n"
+        "if sys.argv[1] == 'tuned':\n"
+        "    assert tune_cpu_allocator() == {'huge_pages': True, 'keep_freed_memory': True}\n"
+        "    assert os.environ['THP_MEM_ALLOC_ENABLE'] == '1'\n"
         "def resident():\n"
         "    with open('/proc/self/statm') as f:\n"
         "        return int(f.read().split()[1]) * resource.getpagesize()\n"
@@ -541,13 +554,24 @@ def test_package_import_makes_freed_cpu_memory_reused_by_later_steps():
         "print(*released)\n"
     )
     mib = 1024 * 1024
-    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "MOSE_REUSE_FREED_CPU_MEMORY")}
-    reused = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    reused = subprocess.run([sys.executable, "-c", code, "tuned"], env=env, capture_output=True, text=True, check=True)
     faults, released = (list(map(int, line.split())) for line in reused.stdout.splitlines())
     assert max(released) < 8 * mib, reused.stdout
     assert min(faults) < 32, reused.stdout
-    env["MOSE_REUSE_FREED_CPU_MEMORY"] = "0"
-    fresh = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    fresh = subprocess.run([sys.executable, "-c", code, "plain"], env=env, capture_output=True, text=True, check=True)
     faults, released = (list(map(int, line.split())) for line in fresh.stdout.splitlines())
     assert min(released) >= 56 * mib, fresh.stdout
     assert min(faults) >= 32, fresh.stdout
+
+
+def test_training_commands_apply_the_cpu_allocator_settings_evaluation_does_not(make_config, monkeypatch):
+    from mose_lightning import cli, cpu_memory
+
+    calls = []
+    monkeypatch.setattr(cpu_memory, "tune_cpu_allocator", lambda: calls.append(1))
+    cli.apply_cpu_training_settings(make_config("trainer.accelerator=cpu"))
+    assert calls == [1]
+    cli.apply_cpu_training_settings(make_config("trainer.accelerator=cpu", "trainer.cpu_allocator_tuning=false"))
+    cli.apply_cpu_training_settings(make_config("trainer.accelerator=gpu"))
+    assert calls == [1]

@@ -137,12 +137,26 @@ def score_records(records: List[Dict[str, Any]], cfg: ExperimentConfig, taxonomy
     return scores, ratings
 
 
+def router_pretrain_accuracy(model) -> Optional[Dict[str, float]]:
+    """Held-out accuracy per level of the router pretraining the model's routers started from (the metrics.json
+    beside the `moe.router_checkpoint` it was trained with), or None where that is not known."""
+    checkpoint = model.cfg.moe.router_checkpoint
+    if not checkpoint:
+        return None
+    path = Path(checkpoint).parent / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return {key.split("/")[-1]: value for key, value in metrics.items() if key.startswith("router/acc/")}
+
+
 def run_meta(model, cfg: ExperimentConfig, records: List[Dict[str, Any]]) -> Dict[str, Any]:
     counts = parameter_report(model)
     return {
         "name": cfg.name, "moe_kind": cfg.moe.kind, "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
         "activated_params": counts["activated"], "total_params": counts["total"], "seed": cfg.seed,
         "dataset": sorted({r["dataset"] for r in records}), "split": cfg.eval.split, "n_samples": len(records),
+        "router_pretrain_accuracy": router_pretrain_accuracy(model),
     }
 
 
