@@ -111,6 +111,11 @@ class MoEConfig:
     # What the skill routers read: own_layer (T_mean entering their own decoder layer, the paper's description) |
     # first_moe_layer (every router reads T_mean entering the first MoSE layer, which fine-tuning cannot shift).
     router_input: str = "own_layer"
+    # Learning rate of the skill routers when they train during SFT (0: optim.lr).
+    router_lr: float = 0.0
+    # While fine-tuning, each router's input standardisation follows the training batches' mean (an exponential
+    # moving average with this momentum; 0: fixed at the router-pretraining statistics).
+    router_recentre_momentum: float = 0.0
     # Router pretraining checkpoint (routers.pt) that SFT loads into the MoSE routers.
     router_checkpoint: Optional[str] = None
     aux_loss_coef: float = 0.01
@@ -129,6 +134,9 @@ class MoEConfig:
         _choice("moe", "dispatch", self.dispatch, ["auto", "grouped_mm", "loop"])
         _choice("moe", "router_input", self.router_input, ["own_layer", "first_moe_layer"])
         _positive("moe", "router_skill_loss", self.router_skill_loss, allow_zero=True)
+        _positive("moe", "router_lr", self.router_lr, allow_zero=True)
+        if not 0.0 <= self.router_recentre_momentum < 1.0:
+            raise ConfigError(f"moe.router_recentre_momentum: expected a number in [0, 1), got {self.router_recentre_momentum!r}")
         if self.router_skill_loss > 0 and not self.router_trainable:
             raise ConfigError("moe.router_skill_loss > 0 trains the skill routers: set moe.router_trainable=true too")
         if not 0.0 <= self.shared_weight < 1.0:

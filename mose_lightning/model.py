@@ -84,13 +84,15 @@ class MoEVisionLanguageModel(nn.Module):
         return routes, counts
 
     def forward(self, batch: Mapping, with_loss: bool = True, route_source: str = "router",
-                shuffle: Optional[torch.Tensor] = None) -> MoEOutput:
+                shuffle: Optional[torch.Tensor] = None, recentre_routers: bool = False) -> MoEOutput:
         """Teacher-forced forward on prompt + answer. `route_source`: what picks the skill experts (router | labels |
-        shuffled; training with moe.teacher_forcing passes "labels")."""
+        shuffled; training with moe.teacher_forcing passes "labels"). `recentre_routers`: a fine-tuning step, where
+        the routers' input shift follows the batch (moe.router_recentre_momentum)."""
         moe = self.cfg.moe
         inputs = self.adapter.model_inputs(batch)
         labels = batch.get("labels") if with_loss else None
         record = self._begin(batch, batch.get("prompt_mask"), route_source, shuffle=shuffle)
+        self.layout.context.recentre_momentum = moe.router_recentre_momentum if recentre_routers else 0.0
         out = self.backbone(**inputs, labels=labels, use_cache=False)
         routes, counts = self._routing(record)
         aux_losses: Dict[str, torch.Tensor] = {}

@@ -70,6 +70,8 @@ class _SequenceRoutedBlock(nn.Module):
                 raise ValueError(f"routing mask of shape {tuple(mask.shape)} does not match the layer input "
                                  f"{tuple(layer_input.shape[:2])}")
             pooled = masked_mean(layer_input, mask)
+        if ctx.recentre_momentum > 0:
+            self.router.recentre(pooled, ctx.recentre_momentum)
         logits = self.router(pooled)
         expert = logits.detach().argmax(dim=-1)
         source = "router"

@@ -100,6 +100,8 @@ class RoutingContext:
     shuffle: Optional[torch.Tensor] = None
     # Decoder layer whose input every skill router reads (None: each router reads its own layer's input).
     router_input_layer: Optional[int] = None
+    # > 0 during fine-tuning steps with moe.router_recentre_momentum: the routers' input shift follows the batches.
+    recentre_momentum: float = 0.0
     # True on cached decode steps: sequence-routed blocks reuse the routes decided on the prompt.
     decoding: bool = False
     record: RoutingRecord = field(default_factory=RoutingRecord)
@@ -118,6 +120,7 @@ class RoutingContext:
         self.shuffle = shuffle
         self.image_mask = self.attention_mask = None
         self.decoding = False
+        self.recentre_momentum = 0.0
         self.record = RoutingRecord()
         return self.record
 
@@ -173,6 +176,11 @@ class SequenceSkillRouter(nn.Module):
         std = normalised.float().std(dim=0, unbiased=False)
         self.input_shift.copy_(normalised.float().mean(dim=0))
         self.input_scale.copy_(torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.ones_like(std)))
+
+    @torch.no_grad()
+    def recentre(self, pooled: torch.Tensor, momentum: float) -> None:
+        """Move the input shift towards the batch's mean of normalised inputs (exponential moving average)."""
+        self.input_shift.lerp_(self.normalise(pooled.float()).mean(dim=0).to(self.input_shift.dtype), momentum)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, H) pooled hidden states -> (B, E) logits (float32, also under bf16-mixed autocast)."""

@@ -74,6 +74,10 @@ class FineTuneModule(pl.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("nothing to train: every parameter is frozen (check moe.kind / moe.extra_trainable)")
+        routers = {id(p) for b in self.model.layout.sequence_routed for p in b.router.parameters() if p.requires_grad}
+        if routers and self.cfg.moe.router_lr > 0:
+            params = [{"params": [p for p in params if id(p) not in routers]},
+                      {"params": [p for p in params if id(p) in routers], "lr": self.cfg.moe.router_lr}]
         return build_optimizer(params, self.cfg, self.cfg.trainer.max_steps)
 
     def on_train_epoch_start(self) -> None:
@@ -130,7 +134,8 @@ class FineTuneModule(pl.LightningModule):
         return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
-        out = self.model(batch, route_source="labels" if self.cfg.moe.teacher_forcing else "router")
+        out = self.model(batch, route_source="labels" if self.cfg.moe.teacher_forcing else "router",
+                         recentre_routers=True)
         raw = out.training_loss
         loss = self._check_finite(raw, batch)
         size = len(batch["meta"])
