@@ -60,7 +60,9 @@ def saved_tensor_names(model) -> set:
     moe_prefixes = tuple(f"{clean_parameter_name(name)}." for name, module in model.backbone.named_modules()
                          if id(module) in block_ids)
     trainable = {clean_parameter_name(name) for name, p in model.backbone.named_parameters() if p.requires_grad}
-    return trainable | {name for name in _named_tensors(model.backbone) if name.startswith(moe_prefixes)}
+    # A block's reference FFN (moe.router_input=frozen_backbone) is the dense FFN it replaced: rebuilt by surgery.
+    return trainable | {name for name in _named_tensors(model.backbone)
+                        if name.startswith(moe_prefixes) and ".reference_ffn." not in name}
 
 
 def _backbone_state(model, full_state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:

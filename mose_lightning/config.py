@@ -108,8 +108,10 @@ class MoEConfig:
     # Coefficient of the skill cross-entropy of every skill router during SFT, on the samples that carry skill
     # labels (0: off). Needs router_trainable; keeps the routers on their skills while the experts change.
     router_skill_loss: float = 0.0
-    # What the skill routers read: own_layer (T_mean entering their own decoder layer, the paper's description) |
-    # first_moe_layer (every router reads T_mean entering the first MoSE layer, which fine-tuning cannot shift).
+    # What the skill routers read: own_layer (T_mean entering their own decoder layer in the model as it is) |
+    # first_moe_layer (every router reads T_mean entering the first MoSE layer, which fine-tuning cannot shift) |
+    # frozen_backbone (T_mean entering their own layer in the backbone as router pretraining saw it: a no-grad
+    # pass with the dense FFNs the MoE blocks replaced, before each forward and generation).
     router_input: str = "own_layer"
     # Learning rate of the skill routers when they train during SFT (0: optim.lr).
     router_lr: float = 0.0
@@ -132,7 +134,7 @@ class MoEConfig:
         _choice("moe", "kind", self.kind, ["dense", "topk", "mose", "expert_group"])
         _choice("moe", "combine", self.combine, ["weighted", "sum"])
         _choice("moe", "dispatch", self.dispatch, ["auto", "grouped_mm", "loop"])
-        _choice("moe", "router_input", self.router_input, ["own_layer", "first_moe_layer"])
+        _choice("moe", "router_input", self.router_input, ["own_layer", "first_moe_layer", "frozen_backbone"])
         _positive("moe", "router_skill_loss", self.router_skill_loss, allow_zero=True)
         _positive("moe", "router_lr", self.router_lr, allow_zero=True)
         if not 0.0 <= self.router_recentre_momentum < 1.0:

@@ -83,6 +83,19 @@ class MoEVisionLanguageModel(nn.Module):
         counts = [record.expert_counts(i) for i in self.layout.layer_indices] if self.layout.kind != "dense" else []
         return routes, counts
 
+    @torch.no_grad()
+    def _reference_pass(self, inputs: Mapping) -> None:
+        """With moe.router_input=frozen_backbone: run the backbone with the dense FFNs the MoE blocks replaced (no
+        gradient, no cache) and record T_mean entering every sequence-routed layer for the routers."""
+        ctx = self.layout.context
+        if not ctx.routers_read_reference:
+            return
+        ctx.reference_pass = True
+        try:
+            self.backbone(**inputs, use_cache=False)
+        finally:
+            ctx.reference_pass = False
+
     def forward(self, batch: Mapping, with_loss: bool = True, route_source: str = "router",
                 shuffle: Optional[torch.Tensor] = None, recentre_routers: bool = False) -> MoEOutput:
         """Teacher-forced forward on prompt + answer. `route_source`: what picks the skill experts (router | labels |
@@ -92,6 +105,7 @@ class MoEVisionLanguageModel(nn.Module):
         inputs = self.adapter.model_inputs(batch)
         labels = batch.get("labels") if with_loss else None
         record = self._begin(batch, batch.get("prompt_mask"), route_source, shuffle=shuffle)
+        self._reference_pass(inputs)
         self.layout.context.recentre_momentum = moe.router_recentre_momentum if recentre_routers else 0.0
         out = self.backbone(**inputs, labels=labels, use_cache=False)
         routes, counts = self._routing(record)
@@ -126,6 +140,7 @@ class MoEVisionLanguageModel(nn.Module):
         prompt_length = inputs["input_ids"].shape[1]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         record = self._begin(batch, None, route_source, prompt_length, shuffle)
+        self._reference_pass(inputs)
         sequences = self.backbone.generate(
             **inputs,
             max_new_tokens=max_new_tokens,

@@ -17,6 +17,7 @@ Hooks are not state: `apply_moe` reinstalls them whenever a model is built or lo
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -149,11 +150,14 @@ def apply_moe(
                 dense, moe.num_experts, activation, ctx, taxonomy.level_names.index(level_name), level_name,
                 layer_index, moe.shared_expert, moe.combine, moe.shared_weight, moe.dispatch,
             )
+            if moe.router_input == "frozen_backbone":
+                block.reference_ffn = copy.deepcopy(dense).requires_grad_(False)
             if moe.kind == "expert_group":
                 block = ExpertGroupBlock.from_mose(block)
             layout.hooks.append(_install_layer_hook(layer, block))
         layer.mlp = block
         layout.blocks.append(block)
+    ctx.routers_read_reference = moe.kind in ("mose", "expert_group") and moe.router_input == "frozen_backbone"
     if moe.kind in ("mose", "expert_group") and moe.router_input == "first_moe_layer":
         # Every router reads T_mean entering the first MoSE layer: only MoE blocks train, so nothing before that
         # layer changes during fine-tuning, and the routers see the inputs they were pretrained on.
@@ -188,6 +192,8 @@ def set_trainable(model: nn.Module, layout: MoELayout, moe: MoEConfig) -> Dict[s
         param.requires_grad_(False)
     for block in layout.blocks:
         for name, param in block.named_parameters():
+            if name.startswith("reference_ffn."):
+                continue  # the frozen dense FFN of the reference pass
             is_skill_router = name.startswith("router.") and is_sequence_routed(block)
             param.requires_grad_(moe.router_trainable or not is_skill_router)
     if moe.extra_trainable:

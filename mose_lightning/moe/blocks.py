@@ -40,6 +40,9 @@ class _SequenceRoutedBlock(nn.Module):
         # Set by surgery when a decoder-layer hook routes this block (see `route`); a block used on its own routes
         # every call on its FFN input instead.
         self.routed_by_layer_hook = False
+        # The dense FFN the block replaced, frozen (only with moe.router_input=frozen_backbone): what the reference
+        # pass runs, so the routers read the hidden states router pretraining saw.
+        self.reference_ffn: Optional[nn.Module] = None
 
     @property
     def num_skills(self) -> int:
@@ -50,6 +53,9 @@ class _SequenceRoutedBlock(nn.Module):
         it for the FFN call that follows. Cached decode steps reuse the decision made on the prompt: the router
         input is the prompt's mean, which a new token does not change."""
         record = self.context.record
+        if self.context.reference_pass:
+            record.reference_pooled[self.layer_index] = self._pooled(layer_input)
+            return None
         route = record.routes.get(self.layer_index)
         if not (self.context.decoding and route is not None and route.expert.shape[0] == layer_input.shape[0]):
             route = self.decide(layer_input)
@@ -58,18 +64,19 @@ class _SequenceRoutedBlock(nn.Module):
 
     def decide(self, layer_input: torch.Tensor) -> RouteDecision:
         ctx = self.context
-        if ctx.router_input_layer is not None and ctx.router_input_layer != self.layer_index:
+        if ctx.routers_read_reference:
+            pooled = ctx.record.reference_pooled.get(self.layer_index)
+            if pooled is None or pooled.shape[0] != layer_input.shape[0]:
+                raise RuntimeError(f"layer {self.layer_index}: the routers read the frozen backbone's hidden states, "
+                                   "but no reference pass ran for this batch")
+        elif ctx.router_input_layer is not None and ctx.router_input_layer != self.layer_index:
             source = ctx.record.routes.get(ctx.router_input_layer)
             if source is None:
                 raise RuntimeError(f"layer {self.layer_index}: the routers read the input of layer "
                                    f"{ctx.router_input_layer}, which has not been routed in this forward")
             pooled = source.pooled
         else:
-            mask = ctx.prompt_mask if ctx.prompt_mask is not None else ctx.attention_mask
-            if mask is not None and mask.shape != layer_input.shape[:2]:
-                raise ValueError(f"routing mask of shape {tuple(mask.shape)} does not match the layer input "
-                                 f"{tuple(layer_input.shape[:2])}")
-            pooled = masked_mean(layer_input, mask)
+            pooled = self._pooled(layer_input)
         if ctx.recentre_momentum > 0:
             self.router.recentre(pooled, ctx.recentre_momentum)
         logits = self.router(pooled)
@@ -83,6 +90,14 @@ class _SequenceRoutedBlock(nn.Module):
             expert = expert.index_select(0, ctx.shuffle.to(expert.device))
             source = "shuffled"
         return RouteDecision(self.layer_index, self.level_name, expert, logits, pooled, source, classify=self.router)
+
+    def _pooled(self, layer_input: torch.Tensor) -> torch.Tensor:
+        ctx = self.context
+        mask = ctx.prompt_mask if ctx.prompt_mask is not None else ctx.attention_mask
+        if mask is not None and mask.shape != layer_input.shape[:2]:
+            raise ValueError(f"routing mask of shape {tuple(mask.shape)} does not match the layer input "
+                             f"{tuple(layer_input.shape[:2])}")
+        return masked_mean(layer_input, mask)
 
     def _take_route(self, x: torch.Tensor) -> RouteDecision:
         """The decision the layer's hook recorded in this forward (also when activation checkpointing recomputes
@@ -122,6 +137,8 @@ class MoSEBlock(_SequenceRoutedBlock):
         return cls(experts, router, context, level_index, level_name, layer_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.context.reference_pass:
+            return self.reference_ffn(x)
         route = self._take_route(x)
         index = route.expert.view(-1, 1, 1)  # one expert per sequence
         plan = _cached_plan(route, "mose", self.experts, index)
@@ -141,9 +158,13 @@ class ExpertGroupBlock(_SequenceRoutedBlock):
         """Scale a trained MoSE block: copy each skill expert into both members of its group, keep the router."""
         skills = block.experts.num_experts
         experts = Experts.regroup(block.experts, [s for s in range(skills) for _ in range(2)])
-        return cls(experts, block.router, block.context, block.level_index, block.level_name, block.layer_index)
+        group = cls(experts, block.router, block.context, block.level_index, block.level_name, block.layer_index)
+        group.reference_ffn = block.reference_ffn
+        return group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.context.reference_pass:
+            return self.reference_ffn(x)
         batch, seq, _ = x.shape
         route = self._take_route(x)
         gate = route.gate()

@@ -67,6 +67,8 @@ class RoutingRecord:
     # (DispatchPlan, rows per entry) of each MoE layer's last non-decode call, for expert usage.
     dispatch: Dict[int, tuple] = field(default_factory=dict, repr=False)
     aux: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict)  # top-k blocks' unweighted aux losses
+    # T_mean entering each sequence-routed layer in the reference pass (the frozen backbone), by decoder layer.
+    reference_pooled: Dict[int, torch.Tensor] = field(default_factory=dict)
 
     def expert_counts(self, layer: int) -> Optional[torch.Tensor]:
         """Rows each expert received in the layer's last prefill / training call: samples for MoSE, tokens (x k)
@@ -100,6 +102,10 @@ class RoutingContext:
     shuffle: Optional[torch.Tensor] = None
     # Decoder layer whose input every skill router reads (None: each router reads its own layer's input).
     router_input_layer: Optional[int] = None
+    # Routers read their layer's input from the record's reference pass (moe.router_input=frozen_backbone), and
+    # whether the forward in progress is that pass (the blocks then run their frozen dense FFN and only record).
+    routers_read_reference: bool = False
+    reference_pass: bool = False
     # > 0 during fine-tuning steps with moe.router_recentre_momentum: the routers' input shift follows the batches.
     recentre_momentum: float = 0.0
     # True on cached decode steps: sequence-routed blocks reuse the routes decided on the prompt.
