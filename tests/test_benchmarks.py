@@ -218,3 +218,13 @@ def test_memory_benchmark_runs_each_variant_in_its_own_process(capsys):
     for r in res.values():
         assert r["rss_before_mib"] > 0 and r["step1_peak_rss_delta_mib"] >= 0 and len(r["losses"]) == 2
     assert all(result["checks"].values()), result["checks"]
+
+
+def test_routing_cost_benchmark_times_every_mechanism_against_the_reference(capsys):
+    from benchmarks import routing_cost
+
+    result = _tiny_json(routing_cost, capsys, "--variants", "first_moe_layer,frozen_backbone")
+    assert list(result["results"]) == ["own_layer_frozen", "first_moe_layer", "frozen_backbone"]
+    assert result["results"]["own_layer_frozen"]["step_ratio"] == 1.0
+    for r in result["results"].values():
+        assert r["step_median_s"] > 0 and r["prefill_median_s"] > 0
