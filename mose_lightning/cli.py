@@ -113,6 +113,9 @@ def _cmd_params(args) -> None:
     print(f"activated / token: {format_count(report['activated'])} ({report['activated']:,})")
     print(f"MoE layers:        {report['moe_layers']} at decoder layers {report['moe_layer_indices']}")
     print(f"level allocation:  {report['levels']}")
+    if report["reference_ffn"]:
+        print(f"routing pass:      {format_count(report['reference_ffn'])} frozen dense FFN weights beside the model "
+              "(moe.router_input=frozen_backbone)")
 
 
 def _cmd_data(args, rest: List[str]) -> None:

@@ -108,11 +108,15 @@ class MoEConfig:
     # Coefficient of the skill cross-entropy of every skill router during SFT, on the samples that carry skill
     # labels (0: off). Needs router_trainable; keeps the routers on their skills while the experts change.
     router_skill_loss: float = 0.0
-    # What the skill routers read: own_layer (T_mean entering their own decoder layer in the model as it is) |
-    # first_moe_layer (every router reads T_mean entering the first MoSE layer, which fine-tuning cannot shift) |
-    # frozen_backbone (T_mean entering their own layer in the backbone as router pretraining saw it: a no-grad
-    # pass with the dense FFNs the MoE blocks replaced, before each forward and generation).
-    router_input: str = "own_layer"
+    # What the skill routers read (docs/routing.md has the measurements behind the default):
+    #   frozen_backbone: T_mean entering their own layer in the backbone as router pretraining saw it, from a no-grad
+    #                    pass through the dense FFNs the MoE blocks replaced, before each forward and generation
+    #                    (frozen copies of those FFNs; one more forward per training step and per prompt);
+    #   own_layer:       T_mean entering their own layer in the model as it is (fine-tuning the MoE blocks of earlier
+    #                    layers shifts it away from what the routers were pretrained on);
+    #   first_moe_layer: every router reads T_mean entering the first MoSE layer (no extra cost; nothing before
+    #                    that layer trains, but the features are shallower).
+    router_input: str = "frozen_backbone"
     # Learning rate of the skill routers when they train during SFT (0: optim.lr).
     router_lr: float = 0.0
     # While fine-tuning, each router's input standardisation follows the training batches' mean (an exponential
