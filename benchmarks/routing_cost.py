@@ -26,12 +26,13 @@ from benchmarks.common import base_parser, emit, format_table, log, machine_info
 from benchmarks.datamodule import synthetic_data, temp_dir, toy_config
 
 NAME = "routing_cost"
+OWN = "moe.router_input=own_layer"
 VARIANTS: Dict[str, list] = {
-    "own_layer_frozen": [],
-    "skill_loss": ["moe.router_trainable=true", "moe.router_skill_loss=1.0"],
+    "own_layer_frozen": [OWN],
+    "skill_loss": [OWN, "moe.router_trainable=true", "moe.router_skill_loss=1.0"],
     "first_moe_layer": ["moe.router_input=first_moe_layer"],
     "frozen_backbone": ["moe.router_input=frozen_backbone"],
-    "teacher_forcing": ["moe.teacher_forcing=true"],
+    "teacher_forcing": [OWN, "moe.teacher_forcing=true"],
 }
 REFERENCE = "own_layer_frozen"
 

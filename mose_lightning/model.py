@@ -21,6 +21,7 @@ from torch import nn
 from mose_lightning.backbones import get_adapter
 from mose_lightning.config import ConfigError, ExperimentConfig
 from mose_lightning.moe import RouteDecision, RoutingRecord, skill_routing_loss
+from mose_lightning.moe.routing import ReferencePassComplete
 from mose_lightning.skills import SkillTaxonomy, load_taxonomy
 from mose_lightning.surgery import MoELayout, apply_moe, load_router_state, set_trainable
 
@@ -83,18 +84,27 @@ class MoEVisionLanguageModel(nn.Module):
         counts = [record.expert_counts(i) for i in self.layout.layer_indices] if self.layout.kind != "dense" else []
         return routes, counts
 
-    @torch.no_grad()
-    def _reference_pass(self, inputs: Mapping) -> None:
+    def _reference_pass(self, inputs: Mapping) -> Mapping:
         """With moe.router_input=frozen_backbone: run the backbone with the dense FFNs the MoE blocks replaced (no
-        gradient, no cache) and record T_mean entering every sequence-routed layer for the routers."""
+        gradient, no cache) up to the input of the last sequence-routed layer, recording T_mean entering every
+        sequence-routed layer for the routers. Returns the inputs for the pass that follows: with the images
+        encoded once for both passes, where the vision tower is frozen."""
         ctx = self.layout.context
         if not ctx.routers_read_reference:
-            return
-        ctx.reference_pass = True
-        try:
-            self.backbone(**inputs, use_cache=False)
-        finally:
-            ctx.reference_pass = False
+            return inputs
+        vision_trains = any(p.requires_grad for layer in self.adapter.vision_layers(self.backbone)
+                            for p in layer.parameters())
+        with torch.no_grad():
+            if not vision_trains:
+                inputs = self.adapter.encode_images(self.backbone, dict(inputs))
+            ctx.reference_pass = True
+            try:
+                self.adapter.inner_model(self.backbone)(**inputs, use_cache=False)
+            except ReferencePassComplete:
+                pass
+            finally:
+                ctx.reference_pass = False
+        return inputs
 
     def forward(self, batch: Mapping, with_loss: bool = True, route_source: str = "router",
                 shuffle: Optional[torch.Tensor] = None, recentre_routers: bool = False) -> MoEOutput:
@@ -105,7 +115,7 @@ class MoEVisionLanguageModel(nn.Module):
         inputs = self.adapter.model_inputs(batch)
         labels = batch.get("labels") if with_loss else None
         record = self._begin(batch, batch.get("prompt_mask"), route_source, shuffle=shuffle)
-        self._reference_pass(inputs)
+        inputs = self._reference_pass(inputs)
         self.layout.context.recentre_momentum = moe.router_recentre_momentum if recentre_routers else 0.0
         out = self.backbone(**inputs, labels=labels, use_cache=False)
         routes, counts = self._routing(record)
@@ -140,7 +150,7 @@ class MoEVisionLanguageModel(nn.Module):
         prompt_length = inputs["input_ids"].shape[1]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         record = self._begin(batch, None, route_source, prompt_length, shuffle)
-        self._reference_pass(inputs)
+        inputs = self._reference_pass(inputs)
         sequences = self.backbone.generate(
             **inputs,
             max_new_tokens=max_new_tokens,

@@ -22,6 +22,10 @@ from torch import nn
 RouteSource = Literal["router", "labels", "shuffled"]
 
 
+class ReferencePassComplete(Exception):
+    """Raised by the last sequence-routed layer in a reference pass: nothing after its input is needed."""
+
+
 @dataclass
 class RouteDecision:
     """One sequence-routed MoE layer's choice for a batch: a skill expert per sample."""
@@ -106,6 +110,8 @@ class RoutingContext:
     # whether the forward in progress is that pass (the blocks then run their frozen dense FFN and only record).
     routers_read_reference: bool = False
     reference_pass: bool = False
+    # The last sequence-routed layer: the reference pass stops once it has recorded that layer's input.
+    reference_last_layer: Optional[int] = None
     # > 0 during fine-tuning steps with moe.router_recentre_momentum: the routers' input shift follows the batches.
     recentre_momentum: float = 0.0
     # True on cached decode steps: sequence-routed blocks reuse the routes decided on the prompt.
