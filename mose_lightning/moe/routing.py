@@ -263,8 +263,8 @@ class _TopKRouting(torch.autograd.Function):
     """Token top-k routing and its two auxiliary losses with a hand-written backward.
 
     Autograd through the plain formulas records some 20 nodes on (N, E) tensors (the linear, softmax, top-k and
-    the normalisation of the weights, the balance loss's one-hot counts and means, the z-loss's logsumexp), each a
-    few microseconds of fixed cost that, at small layer sizes, add up to a sixth of the layer's time. Their
+    the normalisation of the weights, the balance loss's one-hot counts and means, the z-loss's logsumexp), each of
+    fixed cost, which at small layer sizes is a visible part of the layer's time (benchmarks/README.md). Their
     gradients meet in d logits, which has a closed form:
       d p     = scatter of d weights / sum(top-k p) at the chosen experts  +  d balance * E * f / M   (valid rows)
       d logit = p * (d p - <d p, p>)  +  d z * 2 * lse / M * p                                        (valid rows)

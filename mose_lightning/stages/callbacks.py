@@ -33,7 +33,7 @@ class RoutingVisualisation(pl.Callback):
     def _add_usage(self, outputs) -> None:
         counts = [c for c in (outputs or {}).get("expert_counts") or [] if c is not None]
         if counts and len({c.numel() for c in counts}) == 1:
-            usage = torch.stack([c.float().cpu() for c in counts])
+            usage = torch.stack([c.float() for c in counts])  # summed on the device: no sync per step
             self._usage = usage if self._usage is None else self._usage + usage
 
     def _emit(self, trainer: pl.Trainer, module) -> None:
@@ -42,6 +42,7 @@ class RoutingVisualisation(pl.Callback):
         usage, self._usage = self._usage, None
         if writer is None or not trainer.is_global_zero:
             return
+        usage = None if usage is None else usage.cpu()
         step = trainer.global_step
         if usage is not None:
             labels = [f"L{i}" for i in module.model.layout.layer_indices][: usage.shape[0]]
