@@ -149,6 +149,9 @@ class MoEVisionLanguageModel(nn.Module):
         inputs = self.adapter.model_inputs(batch)
         prompt_length = inputs["input_ids"].shape[1]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        # Without a processor (random weights of an architecture) the backbone's generation config decides.
+        special = {} if tokenizer is None else {"pad_token_id": tokenizer.pad_token_id,
+                                                "eos_token_id": tokenizer.eos_token_id}
         record = self._begin(batch, None, route_source, prompt_length, shuffle)
         inputs = self._reference_pass(inputs)
         sequences = self.backbone.generate(
@@ -156,8 +159,7 @@ class MoEVisionLanguageModel(nn.Module):
             max_new_tokens=max_new_tokens,
             do_sample=False,
             use_cache=not reroute_every_step,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **special,
             **generate_kwargs,
         )
         routes, counts = self._routing(record)
@@ -165,14 +167,20 @@ class MoEVisionLanguageModel(nn.Module):
 
 
 def build_model(cfg: ExperimentConfig, meta: bool = False, backbone_state: Optional[Mapping] = None,
-                router_state: Optional[Mapping] = None, router_source: str = "routers") -> MoEVisionLanguageModel:
-    """Backbone + surgery + freezing for `cfg`. `meta=True`: shapes only, no weights. `backbone_state`: backbone
-    parameters (by name) to overlay before surgery (an instruction-tuned dense model); `router_state`: pretrained
-    skill routers (`routers.pt`), loaded after surgery."""
+                router_state: Optional[Mapping] = None, router_source: str = "routers",
+                random_weights_on: Optional[torch.device] = None) -> MoEVisionLanguageModel:
+    """Backbone + surgery + freezing for `cfg`. `meta=True`: shapes only, no weights. `random_weights_on`: the
+    architecture with randomly initialised weights on that device and no processor (benchmarks of a real size
+    without its weights). `backbone_state`: backbone parameters (by name) to overlay before surgery (an
+    instruction-tuned dense model); `router_state`: pretrained skill routers (`routers.pt`), loaded after surgery."""
     adapter = get_adapter(cfg.backbone.name)
     taxonomy = load_taxonomy(cfg.skills.taxonomy)
-    if meta:
+    if meta or random_weights_on is not None:
         backbone, processor = adapter.build_meta(cfg.backbone), None
+        if random_weights_on is not None:
+            with torch.device(random_weights_on):
+                backbone = type(backbone)._from_config(backbone.config, dtype=backbone.dtype,
+                                                       attn_implementation=cfg.backbone.attn_implementation)
     else:
         backbone, processor = adapter.load(cfg.backbone)
     if backbone_state is not None:
