@@ -448,15 +448,6 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict) -> ExperimentConfig:
-    """Rebuild (and validate) a config saved by `save_config`."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"saved config: {_describe(err)}") from err
-
-
 def to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

@@ -230,7 +230,6 @@ class TopKMoEBlock(nn.Module):
         return out.view(batch, seq, hidden)
 
 
-MOE_BLOCKS = (MoSEBlock, ExpertGroupBlock, TopKMoEBlock)
 SEQUENCE_ROUTED = (MoSEBlock, ExpertGroupBlock)
 
 

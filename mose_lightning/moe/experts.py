@@ -186,10 +186,6 @@ class DispatchPlan:
         return cls(num_experts, k, index, host)
 
     @property
-    def num_entries(self) -> int:
-        return self.index.numel()
-
-    @property
     def sizes(self) -> List[int]:
         """Entries per expert (a host sync for large routings, the loop kernel's split sizes)."""
         if self._sizes is None:

@@ -20,8 +20,7 @@ class RoutingVisualisation(pl.Callback):
     """Accumulates expert usage from the steps' outputs and shows it, the skill chains of the first validation
     batch and the last layer's expert similarity in TensorBoard at every validation and at the end of training."""
 
-    def __init__(self, every_n_steps: int = 0, chains_to_show: int = 4) -> None:
-        self.every_n_steps = every_n_steps
+    def __init__(self, chains_to_show: int = 4) -> None:
         self.chains_to_show = chains_to_show
         self._chains = []
         self._usage: Optional[torch.Tensor] = None
@@ -76,8 +75,6 @@ class RoutingVisualisation(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._add_usage(outputs)
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._emit(trainer, module)
 
     def on_train_end(self, trainer, module) -> None:
         self._emit(trainer, module)
