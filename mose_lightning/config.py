@@ -369,9 +369,15 @@ class EvalConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     # Samples shown in the HTML report.
     html_samples: int = 50
+    # What picks the skill experts while generating (MoSE, expert groups): router (the model's own routing),
+    # labels (oracle routing: the samples' skill labels), shuffled (a control: each sample takes the routes of
+    # another sample of its batch, a seeded derangement: the same route frequencies, the wrong samples' skills).
+    route_source: str = "router"
+    shuffle_seed: int = 0
 
     def __post_init__(self) -> None:
         _choice("eval", "split", self.split, ["test", "val"])
+        _choice("eval", "route_source", self.route_source, ["router", "labels", "shuffled"])
 
 
 @dataclass
