@@ -74,6 +74,9 @@ class BackboneConfig:
     # Optional checkpoint (a directory written by mose_lightning.checkpoint) whose backbone weights replace the
     # fresh ones, e.g. the toy backbone after a brief dense instruction tuning.
     init_checkpoint: Optional[str] = None
+    # Toy only: the experiment config whose dense run creates init_checkpoint when it is missing (empty:
+    # configs/experiment/toy_instruct.yaml, instruction tuning on the driving tasks themselves).
+    init_config: Optional[str] = None
 
     def __post_init__(self) -> None:
         _choice("backbone", "name", self.name, ["qwen2_vl", "llava", "toy"])
@@ -176,6 +179,12 @@ class SyntheticConfig:
     seed: int = 0
     image_width: int = 224
     image_height: int = 126
+    # Question family (data_recipes/synthetic.py): driving (the CODA-LM-style tasks, annotated with skills) or
+    # perception (what is where in the same scenes, no skills; the miniature's backbone preparation).
+    family: str = "driving"
+
+    def __post_init__(self) -> None:
+        _choice("data.synthetic", "family", self.family, ["driving", "perception"])
 
 
 @dataclass
@@ -360,9 +369,15 @@ class EvalConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     # Samples shown in the HTML report.
     html_samples: int = 50
+    # What picks the skill experts while generating (MoSE, expert groups): router (the model's own routing),
+    # labels (oracle routing: the samples' skill labels), shuffled (a control: each sample takes the routes of
+    # another sample of its batch, a seeded derangement: the same route frequencies, the wrong samples' skills).
+    route_source: str = "router"
+    shuffle_seed: int = 0
 
     def __post_init__(self) -> None:
         _choice("eval", "split", self.split, ["test", "val"])
+        _choice("eval", "route_source", self.route_source, ["router", "labels", "shuffled"])
 
 
 @dataclass
