@@ -3,10 +3,10 @@
   mose params --config F [--json]              parameter counts (meta device: no weights needed)
   mose data coda-lm|drivelm|synthetic ...      dataset converters (data_recipes/)
   mose skills annotate --shards S --out DIR --annotator rule|gpt
-  mose pretrain-router | sft | expert-group | eval --config F [key=value ...]
+  mose pretrain-router | sft | expert-group | eval | plan | plan-eval --config F [key=value ...]
   mose predict --checkpoint DIR --image IMG [--image IMG2] --question "..." [--box x,y,w,h]
   mose report RUN_DIR [RUN_DIR ...]
-  mose demo | reproduce-toy
+  mose demo | reproduce-toy | plan-compare
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ STAGE_RUNNERS = {
     "sft": ("sft", "mose_lightning.stages.sft", "run_sft"),
     "expert-group": ("expert_group", "mose_lightning.stages.sft", "run_expert_group"),
     "eval": ("eval", "mose_lightning.stages.evaluate", "run_eval"),
+    "plan": ("plan", "mose_lightning.stages.plan", "run_plan"),
+    "plan-eval": ("plan_eval", "mose_lightning.stages.plan", "run_plan_eval"),
 }
 STAGES = tuple(STAGE_RUNNERS)
 
@@ -38,6 +40,16 @@ STAGES = tuple(STAGE_RUNNERS)
 def _overrides(values: List[str]) -> List[str]:
     # `checkpoint=PATH` reads better on an eval command line than init_from=PATH.
     return [("init_from=" + v.split("=", 1)[1]) if v.startswith("checkpoint=") else v for v in values]
+
+
+def _seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds: expected at least one seed")
+    return seeds
 
 
 def _quiet_known_warnings() -> None:
@@ -103,7 +115,8 @@ def _cmd_params(args) -> None:
 
 
 def _cmd_data(args, rest: List[str]) -> None:
-    modules = {"coda-lm": "data_recipes.coda_lm", "drivelm": "data_recipes.drivelm", "synthetic": "data_recipes.synthetic"}
+    modules = {"coda-lm": "data_recipes.coda_lm", "drivelm": "data_recipes.drivelm", "synthetic": "data_recipes.synthetic",
+               "nuscenes-ego": "data_recipes.nuscenes_ego"}
     if not rest or rest[0] not in modules:
         raise ConfigError(f"mose data: expected one of {sorted(modules)}, got {rest[:1]}")
     importlib.import_module(modules[rest[0]]).main(rest[1:])
@@ -147,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*")
-    sub.add_parser("data", help="convert a dataset to shards: coda-lm | drivelm | synthetic", add_help=False)
+    sub.add_parser("data", help="convert a dataset to shards: coda-lm | drivelm | synthetic | nuscenes-ego", add_help=False)
     p = sub.add_parser("skills", help="skill annotation")
     p.add_argument("action", choices=["annotate"])
     p.add_argument("--shards", required=True)
@@ -173,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name)
         p.add_argument("--config", default=None)
         p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("plan-compare", help="the planner variants on the synthetic set, several seeds, one table")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
+    p.add_argument("--out", default="runs/plan_compare")
+    p.add_argument("overrides", nargs="*")
     return parser
 
 
@@ -202,6 +219,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             from mose_lightning.demo import run_reproduce_toy
 
             run_reproduce_toy(_overrides(args.overrides))
+        elif args.command == "plan-compare":
+            from mose_lightning.plan_compare import run_plan_compare
+
+            run_plan_compare(_overrides(args.overrides), _seeds(args.seeds), args.out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -36,8 +36,9 @@ def ensure_synthetic_data(cfg: ExperimentConfig) -> None:
     root = resolve_path(s.out_dir)
     raw, rule = root / "raw", root / "rule"
     if not all(is_complete(raw / split) for split in SPLITS):
-        print(f"[toy] generating the synthetic driving set in {raw}")
-        generate_synthetic(raw, s.num_train, s.num_val, s.num_test, s.seed, s.image_width, s.image_height)
+        print(f"[toy] generating the synthetic driving set in {raw}" + (" (with trajectories)" if s.trajectories else ""))
+        generate_synthetic(raw, s.num_train, s.num_val, s.num_test, s.seed, s.image_width, s.image_height,
+                           trajectories=s.trajectories)
     taxonomy = load_taxonomy(cfg.skills.taxonomy)
     for split in SPLITS:
         if not is_complete(rule / split):
@@ -62,6 +63,11 @@ def ensure_toy_backbone(cfg: ExperimentConfig) -> None:
 
     instruct = load_config(TOY_INSTRUCT_CONFIG)
     instruct.data = copy.deepcopy(cfg.data)
+    if cfg.data.synthetic.trajectories:
+        # One toy backbone serves every toy config: it is always tuned on the set without trajectories, whose
+        # detour texts follow the image alone (with trajectories they follow the navigation command).
+        instruct.data = load_config(TOY_INSTRUCT_CONFIG).data
+        ensure_synthetic_data(instruct)
     instruct.backbone.toy = copy.deepcopy(cfg.backbone.toy)
     instruct.backbone.toy_dir = cfg.backbone.toy_dir
     instruct.run_dir = str(Path(target).parent)
@@ -116,3 +122,7 @@ def prepare(cfg: ExperimentConfig, stage: str) -> None:
         ensure_trained_model(cfg, "mose")
     elif stage == "eval":
         ensure_trained_model(cfg)
+    elif stage == "plan" and not cfg.init_from:
+        # The planner reads the toy MoSE model itself: upcycled experts compute the instruction-tuned function,
+        # and the pretrained routers give the skill chain that plan.routing=mose_chain follows.
+        ensure_router_checkpoint(cfg)
