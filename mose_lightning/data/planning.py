@@ -134,14 +134,17 @@ class PlanningEncoder:
 
 
 class PlanningDataModule(DriveDataModule):
-    """DriveDataModule whose samples carry the planning targets."""
+    """DriveDataModule whose samples carry the planning targets. Answers are encoded only when the answer-token
+    loss is on (plan.train_vlm with plan.lm_loss_coef > 0): the planner reads the prompt alone, and a planning set
+    need not have answers."""
 
     def __init__(self, cfg: ExperimentConfig, adapter, processor, taxonomy) -> None:
         super().__init__(cfg.data, adapter, processor, taxonomy)
         self.spec = PlanTargetSpec.from_config(cfg, taxonomy)
+        self.with_answers = cfg.plan.train_vlm and cfg.plan.lm_loss_coef > 0
 
     def encoder(self, with_answer: bool) -> PlanningEncoder:
-        return PlanningEncoder(super().encoder(with_answer), self.spec)
+        return PlanningEncoder(super().encoder(with_answer and self.with_answers), self.spec)
 
 
 @dataclass

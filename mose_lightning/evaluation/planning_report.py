@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 from mose_lightning.evaluation.report import Table, render_markdown
 from mose_lightning.io import atomic_write_json, atomic_write_text

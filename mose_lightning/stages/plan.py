@@ -9,46 +9,37 @@ from checkpoints/last.ckpt, DDP, TensorBoard), the saved head in `planner/`, and
 The VLM is frozen (`plan.train_vlm=false`: only the head trains; with `plan.cache_features` its hidden states are
 computed once per sample and cached) or trains jointly (what the MoE surgery left trainable, the MoSE blocks,
 with the planner loss and optionally the answer-token loss). Routing of the VLM is always its routers' own.
-The evaluation runs on global rank zero after training; every other rank stops after the fit.
+The evaluation runs on global rank zero after training; every other rank stops after the fit. The feature cache
+lives in plan_features.py, the evaluation in plan_eval.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
 import json
-import math
 import os
-import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
 
 from mose_lightning.checkpoint import load_model, save_model, saved_parameter_names
 from mose_lightning.config import ConfigError, ExperimentConfig, load_config
-from mose_lightning.data.datamodule import ShardStream
 from mose_lightning.data.planning import PlanningDataModule, PlanStatistics, PlanTargetSpec, check_split, plan_statistics
-from mose_lightning.data.sample import decode_images
-from mose_lightning.data.shards import expand_shards, iter_samples
-from mose_lightning.evaluation.planning_metrics import planning_scores
-from mose_lightning.io import atomic_write_json, atomic_write_text
+from mose_lightning.io import atomic_write_json
 from mose_lightning.model import build_model
 from mose_lightning.moe.losses import inverse_frequency_alpha
 from mose_lightning.planning.flow_matching import FlowMatching
 from mose_lightning.planning.planner import PlannerHead, PlannerSpec
 from mose_lightning.planning.vlm import VLMFeatures, vlm_features
 from mose_lightning.stages.common import NonFiniteLoss, build_optimizer
+from mose_lightning.stages.plan_eval import evaluate_planner, headline, noise_for
+from mose_lightning.stages.plan_features import CachedPlanData, cached_features
 from mose_lightning.stages.sft import model_dir_of
-from mose_lightning.training import (apply_threads, finish_run, is_global_zero, make_trainer, resume_path,
-                                     scalar_metrics, start_run)
+from mose_lightning.training import apply_threads, finish_run, make_trainer, resume_path, scalar_metrics, start_run
 
 PLANNER_DIR = "planner"
 PLANNER_WEIGHTS = "planner.safetensors"
@@ -106,148 +97,6 @@ def build_planner(cfg: ExperimentConfig, model, stats: PlanStatistics) -> Planne
         alpha = inverse_frequency_alpha(stats.class_counts)
     planner.set_statistics(stats.action_low, stats.action_high, stats.state_mean, stats.state_std, alpha)
     return planner
-
-
-def noise_for(keys: Sequence[str], horizon: int, seed: int, device) -> torch.Tensor:
-    """(B, horizon, 2) sampling noise drawn per sample key: the same prediction whatever batch or rank it is in."""
-    out = []
-    for key in keys:
-        generator = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16))
-        out.append(torch.randn(horizon, 2, generator=generator))
-    return torch.stack(out).to(device)
-
-
-def _move(batch: Dict[str, Any], device) -> Dict[str, Any]:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-# ---- cached VLM features -------------------------------------------------------------------------------------
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _model_identity(model) -> str:
-    """Every parameter's name, shape and 64 evenly spaced elements: trained MoE blocks and routers included."""
-    digest = hashlib.sha256()
-    for name, param in sorted(model.backbone.named_parameters(), key=lambda item: item[0]):
-        flat = param.detach().flatten()
-        digest.update(f"{name}{tuple(param.shape)}".encode())
-        digest.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:20]
-
-
-def _cache_file(cfg: ExperimentConfig, model, split: str, shards: List[str]) -> Path:
-    files = [[s, os.stat(s).st_size, int(os.stat(s).st_mtime)] if os.path.exists(s) else [s] for s in shards]
-    d = cfg.data
-    identity = {"model": _model_identity(model), "shards": files, "layer": cfg.plan.vlm_layer,
-                "level": cfg.plan.chain_level, "encode": [d.image_width, d.image_height, d.max_length, d.overlong,
-                                                          d.system_prompt, d.blank_images]}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    from mose_lightning.config import resolve_path
-
-    return resolve_path(cfg.plan.cache_dir) / f"{split}-{key}.pt"
-
-
-def single_process_stream(datamodule: PlanningDataModule, split: str, with_answer: bool) -> ShardStream:
-    """Every sample of a split in this process (also after a multi-rank fit, when rank 0 evaluates alone)."""
-    info = datamodule.split_info(split)
-    if info is None:
-        raise ConfigError(f"data.{split}_shards is empty; expected the {split} shards")
-    return ShardStream(info.shards, datamodule.encoder(with_answer), 0, 1, False, datamodule.cfg.seed, 0, total=info.total)
-
-
-@torch.no_grad()
-def compute_features(cfg: ExperimentConfig, model, datamodule: PlanningDataModule, split: str) -> List[Dict[str, Any]]:
-    """One VLM forward per sample of `split`: per sample the prompt's hidden states (T, H), its planning-level
-    MoSE route (-1 without one), the planning tensors and the meta the evaluation needs."""
-    model.eval()
-    device = next(model.parameters()).device
-    loader = datamodule.loader(single_process_stream(datamodule, split, False), cfg.data.eval_batch_size, "right")
-    items = []
-    for batch in loader:
-        batch = _move(batch, device)
-        feats = vlm_features(model, batch, cfg.plan.vlm_layer, cfg.plan.chain_level)
-        for i, meta in enumerate(batch["meta"]):
-            if meta.get("pad"):
-                continue
-            keep = {k: meta.get(k) for k in ("key", "task", "question", "skills", "planning")}
-            items.append({
-                "vlm_hidden": feats.hidden[i][feats.mask[i]].cpu().clone(),
-                "chain_expert": int(feats.chain_expert[i]) if feats.chain_expert is not None else -1,
-                **{k: batch[k][i : i + 1].cpu() for k in ("plan_trajectory", "plan_valid", "plan_state", "plan_scenario")},
-                "meta": keep,
-            })
-    return items
-
-
-def cached_features(cfg: ExperimentConfig, model, datamodule: PlanningDataModule, split: str) -> List[Dict[str, Any]]:
-    """compute_features through the on-disk cache (keyed by the VLM's weights, shards and encoding); the first
-    process computes, others (DDP ranks, later runs of a comparison) read it."""
-    info = datamodule.split_info(split)
-    path = _cache_file(cfg, model, split, info.shards)
-    with _file_lock(path):
-        if path.is_file():
-            return torch.load(path, map_location="cpu", weights_only=False)
-        if is_global_zero():
-            print(f"plan: caching the VLM's hidden states of the {split} split in {path}")
-        items = compute_features(cfg, model, datamodule, split)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(items, tmp)
-        os.replace(tmp, path)
-        return items
-
-
-class CachedFeatures(Dataset):
-    def __init__(self, items: List[Dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> Dict[str, Any]:
-        return self.items[index]
-
-
-def collate_cached(items: List[Dict[str, Any]]) -> Dict[str, Any]:
-    longest = max(item["vlm_hidden"].shape[0] for item in items)
-    hidden = items[0]["vlm_hidden"].new_zeros(len(items), longest, items[0]["vlm_hidden"].shape[1])
-    mask = torch.zeros(len(items), longest, dtype=torch.bool)
-    for i, item in enumerate(items):
-        n = item["vlm_hidden"].shape[0]
-        hidden[i, :n] = item["vlm_hidden"]
-        mask[i, :n] = True
-    batch = {"vlm_hidden": hidden, "vlm_mask": mask,
-             "chain_expert": torch.tensor([item["chain_expert"] for item in items], dtype=torch.long),
-             "meta": [item["meta"] for item in items]}
-    for key in ("plan_trajectory", "plan_valid", "plan_state", "plan_scenario"):
-        batch[key] = torch.cat([item[key] for item in items])
-    return batch
-
-
-class CachedPlanData(pl.LightningDataModule):
-    """Training and validation batches from cached features (map-style: Lightning shards them across DDP ranks)."""
-
-    def __init__(self, train: List[Dict[str, Any]], val: Optional[List[Dict[str, Any]]], batch_size: int,
-                 eval_batch_size: int, seed: int) -> None:
-        super().__init__()
-        self.train, self.val = CachedFeatures(train), (CachedFeatures(val) if val else None)
-        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=len(self.train) >= self.batch_size,
-                          collate_fn=collate_cached, generator=torch.Generator().manual_seed(self.seed))
-
-    def val_dataloader(self):
-        if self.val is None:
-            return []
-        return DataLoader(self.val, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_cached)
 
 
 # ---- the LightningModule -------------------------------------------------------------------------------------
@@ -438,171 +287,6 @@ def count_parameters(planner: PlannerHead) -> Dict[str, int]:
     return {"total": total, "activated": total - idle}
 
 
-# ---- evaluation ------------------------------------------------------------------------------------------------
-def _statistics_from(meta: Dict[str, Any]) -> Dict[str, int]:
-    return dict(meta["statistics"]["scenario_counts"])
-
-
-@torch.no_grad()
-def predict(module: PlanModule, batches, device, skill_level: str) -> List[Dict[str, Any]]:
-    planner, cfg = module.planner, module.cfg
-    planner.eval()
-    records = []
-    for batch in batches:
-        batch = _move(batch, device)
-        feats = module.features(batch)
-        keys = [m["key"] for m in batch["meta"]]
-        pred = planner.sample(feats.hidden, feats.mask, batch["plan_state"], module.flow, feats.chain_expert,
-                              noise_for(keys, cfg.plan.horizon, cfg.plan.eval_seed, device))
-        route = planner.last_route
-        experts = None
-        if route is not None:
-            if route.logits is not None and route.logits.dim() == 3:  # token level: the horizon tokens' top-1 votes
-                votes = route.expert_index[:, 1:, 0]
-                experts = [[int(torch.mode(v).values)] for v in votes]
-            else:
-                experts = route.trajectory_experts().tolist()
-        for i, meta in enumerate(batch["meta"]):
-            if meta.get("pad") or not bool(batch["plan_valid"][i]):
-                continue
-            planning = meta.get("planning") or {}
-            reference = batch["plan_trajectory"][i].tolist()
-            prediction = pred[i].tolist()
-            errors = np.linalg.norm(np.array(prediction) - np.array(reference), axis=-1)
-            records.append({
-                "key": meta["key"], "question": meta.get("question"), "scenario": planning.get("scenario"),
-                "skill": (meta.get("skills") or {}).get(skill_level), "command": planning.get("command"),
-                "class": int(batch["plan_scenario"][i]), "reference": reference, "prediction": prediction,
-                "history": planning.get("history"), "obstacles": planning.get("obstacles"),
-                "experts": experts[i] if experts is not None else None,
-                "ade": float(errors.mean()), "fde": float(errors[-1]),
-            })
-    return records
-
-
-@torch.no_grad()
-def measure_latency(module: PlanModule, datamodule: PlanningDataModule, split: str, device, samples: int) -> Optional[Dict[str, Any]]:
-    """Median time at batch size 1 of the VLM's prompt prefill and of the planner's Euler loop."""
-    if samples <= 0:
-        return None
-    cfg = module.cfg
-    loader = datamodule.loader(single_process_stream(datamodule, split, False), 1, "right")
-    prefill, planner = [], []
-    warmup = 2
-    for i, batch in enumerate(loader):
-        if i >= samples + warmup:
-            break
-        batch = _move(batch, device)
-        module.vlm.eval()
-        _sync(device)
-        start = time.perf_counter()
-        feats = vlm_features(module.vlm, batch, cfg.plan.vlm_layer, cfg.plan.chain_level)
-        _sync(device)
-        middle = time.perf_counter()
-        module.planner.sample(feats.hidden, feats.mask, batch["plan_state"], module.flow, feats.chain_expert)
-        _sync(device)
-        end = time.perf_counter()
-        if i >= warmup:
-            prefill.append(1000 * (middle - start))
-            planner.append(1000 * (end - middle))
-    if not prefill:
-        return None
-    steps = cfg.plan.euler_steps
-    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return {"device": name, "n": len(prefill), "prefill_ms": statistics.median(prefill),
-            "planner_ms": statistics.median(planner), "planner_step_ms": statistics.median(planner) / steps,
-            "euler_steps": steps}
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _routing_summary(records: List[Dict[str, Any]], cfg: ExperimentConfig) -> Optional[Dict[str, Any]]:
-    """Top-1 expert usage, and how often the top-1 expert is the sample's class where experts and classes
-    correspond (a supervised planner router; MoSE-chain routing against planning-skill classes)."""
-    routing = cfg.plan.routing
-    if routing == "dense":
-        return None
-    top1 = [r["experts"][0] for r in records if r.get("experts")]
-    labelled = [r for r in records if r.get("experts") and r["class"] >= 0]
-    comparable = routing != "mose_chain" or cfg.plan.scenario_labels == "planning_skill"
-    accuracy = (sum(r["experts"][0] == r["class"] for r in labelled) / len(labelled)) if labelled and comparable else None
-    return {"mode": routing, "accuracy": accuracy, "n_labelled": len(labelled) if comparable else 0,
-            "usage": [top1.count(e) for e in range(cfg.plan.num_experts)]}
-
-
-def eval_device(cfg: ExperimentConfig) -> torch.device:
-    if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _save_images(run_dir: Path, shards: str, keys: set) -> Dict[str, str]:
-    """The first view of the shown samples as JPEGs under images/ (their front image in the HTML report)."""
-    out = {}
-    for sample in iter_samples(expand_shards(shards)):
-        if sample.key in keys:
-            rel = f"images/{sample.key}.jpg"
-            (run_dir / "images").mkdir(parents=True, exist_ok=True)
-            decode_images(sample)[0].save(run_dir / rel, quality=85)
-            out[sample.key] = rel
-            if len(out) == len(keys):
-                break
-    return out
-
-
-def evaluate_planner(module: PlanModule, datamodule: PlanningDataModule, cfg: ExperimentConfig, run_dir: Path,
-                     meta_planner: Dict[str, Any], test_items: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
-    """Predict `eval.split`, score it and write scores.json, results.md, report.html and the figures."""
-    from mose_lightning.evaluation.planning_plots import plot_bev, plot_expert_by_class
-    from mose_lightning.evaluation.planning_report import write_planning_html, write_planning_results
-
-    split = cfg.eval.split
-    device = eval_device(cfg)
-    module.planner.to(device)
-    module.vlm.to(device)
-    if test_items is not None:
-        batches = DataLoader(CachedFeatures(test_items), batch_size=cfg.data.eval_batch_size, collate_fn=collate_cached)
-    else:
-        batches = datamodule.loader(single_process_stream(datamodule, split, False), cfg.data.eval_batch_size, "right")
-    records = predict(module, batches, device, cfg.plan.chain_level)
-    if cfg.eval.limit:
-        records = records[: cfg.eval.limit]
-    if not records:
-        raise ConfigError(f"data.{split}_shards: no sample with a trajectory to evaluate")
-    scores: Dict[str, Any] = {"planning": planning_scores(records, cfg.plan.rate_hz, _statistics_from(meta_planner),
-                                                          cfg.plan.rare_below)}
-    scores["routing"] = _routing_summary(records, cfg)
-    scores["latency"] = measure_latency(module, datamodule, split, device, cfg.plan.latency_samples)
-    params = meta_planner["parameters"]
-    meta = {"name": cfg.name, "routing": cfg.plan.routing, "seed": cfg.trainer.seed, "split": split,
-            "n_samples": len(records), "planner_params": params["total"], "planner_activated_params": params["activated"],
-            "scenario_labels": cfg.plan.scenario_labels, "vlm_moe_kind": module.vlm.cfg.moe.kind,
-            "horizon": cfg.plan.horizon, "rate_hz": cfg.plan.rate_hz}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    shown = records[: cfg.eval.html_samples]
-    images = _save_images(run_dir, getattr(cfg.data, f"{split}_shards"), {r["key"] for r in shown})
-    for r in shown:
-        r["image"] = images.get(r["key"])
-        r["bev"] = str(plot_bev(r, run_dir / "bev" / f"{r['key']}.png",
-                                f"{r['key']} ({r.get('scenario') or r.get('skill')}, {r.get('command')})").relative_to(run_dir))
-    if cfg.plan.routing != "dense":
-        groups = sorted({str(r.get("scenario") or r.get("skill")) for r in records})
-        counts = np.zeros((len(groups), cfg.plan.num_experts))
-        for r in records:
-            if r.get("experts"):
-                counts[groups.index(str(r.get("scenario") or r.get("skill"))), r["experts"][0]] += 1
-        plot_expert_by_class(counts, groups, run_dir / "planner_experts_by_scenario.png",
-                             f"top-1 planner expert per scenario ({cfg.plan.routing})")
-    write_planning_results(run_dir, scores, meta)
-    write_planning_html(run_dir, shown, scores, meta, cfg.eval.html_samples)
-    atomic_write_json(run_dir / "metrics.json", {"scores": scores, "meta": meta})
-    return scores
-
-
 # ---- the stage ---------------------------------------------------------------------------------------------------
 def _datasets(cfg: ExperimentConfig, model, datamodule: PlanningDataModule):
     """(LightningDataModule for the fit, cached test items or None)."""
@@ -653,16 +337,6 @@ def run_plan(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
     scores = evaluate_planner(module, datamodule, cfg, run_dir / "eval", meta, test_items)
     metrics.update(headline(scores))
     return run_dir, finish_run(run_dir, metrics)
-
-
-def headline(scores: Dict[str, Any]) -> Dict[str, float]:
-    """The few numbers a run prints: L2 in both conventions, ADE/FDE, collision up to 3 s."""
-    m = scores["planning"]["all"]
-    out = {"eval/l2_stp3_avg": m["l2_stp3_avg"].get("avg"), "eval/l2_uniad_at_t": m["l2_uniad_at_t"].get("avg"),
-           "eval/ade": m["ade"], "eval/fde": m["fde"]}
-    if "collision_up_to_t" in m:
-        out["eval/collision_up_to_3s"] = m["collision_up_to_t"].get("3s")
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def run_plan_eval(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, Any]]:
