@@ -112,6 +112,18 @@ def test_planner_reuses_one_trajectory_route_in_every_moe_layer():
     assert int(moe_layers[0].last_counts.sum()) == 5 * 5 * 2 and bool((moe_layers[0].last_counts % 5 == 0).all())
 
 
+def test_planner_statistics_stay_float32_when_the_head_is_cast_to_bf16():
+    spec = PlannerSpec(context_size=8, horizon=2, history=1, hidden_size=16, intermediate_size=32, num_layers=1,
+                       num_heads=2, routing="trajectory", moe_layers=1, num_experts=2, top_k=1)
+    head = PlannerHead(spec)
+    head.set_statistics(torch.tensor([[0.0, -3.3]]), torch.tensor([[30.123, 3.3]]), torch.zeros(9), torch.ones(9))
+    head.to(torch.bfloat16)
+    assert head.action_out.weight.dtype == torch.bfloat16 and head.action_high.dtype == torch.float32
+    assert head.action_high[0, 0].item() == pytest.approx(30.123, abs=1e-5)
+    out = head.sample(torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 9), FlowMatching(steps=2))
+    assert out.shape == (2, 2, 2) and out.dtype == torch.float32
+
+
 def test_experts_call_equals_the_weighted_sum_of_the_chosen_swiglu_experts():
     torch.manual_seed(0)
     moe = ActionMoE(6, 10, 3)
