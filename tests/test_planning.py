@@ -19,7 +19,7 @@ from mose_lightning.data.sample import Sample, SampleError, encode_jpeg, validat
 from mose_lightning.evaluation.planning_metrics import (
     displacement_errors, l2_stp3_avg, l2_uniad_at_t, planning_scores, rare_classes, subset_metrics)
 from mose_lightning.moe.losses import focal_loss, inverse_frequency_alpha
-from mose_lightning.planning.action_moe import ActionMoE, ActionRouter, _experts_forward
+from mose_lightning.planning.action_moe import ActionMoE, ActionRoute, ActionRouter
 from mose_lightning.planning.flow_matching import FlowMatching
 from mose_lightning.planning.geometry import box_corners, quads_overlap, sweep_obstacles
 from mose_lightning.planning.planner import PlannerHead, PlannerSpec
@@ -124,21 +124,24 @@ def test_planner_statistics_stay_float32_when_the_head_is_cast_to_bf16():
     assert out.shape == (2, 2, 2) and out.dtype == torch.float32
 
 
-def test_experts_call_equals_the_weighted_sum_of_the_chosen_swiglu_experts():
+def test_action_moe_adds_the_shared_expert_unweighted_to_the_weighted_chosen_swiglu_experts():
     torch.manual_seed(0)
     moe = ActionMoE(6, 10, 3)
-    x = torch.randn(4, 6)
-    index = torch.tensor([[0, 2], [1, 1], [2, 0], [1, 0]])
-    weights = torch.tensor([[0.7, 0.3], [0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])
-    out = _experts_forward(moe.experts, x, index, weights)
+    x = torch.randn(1, 4, 6)
+    index = torch.tensor([[[0, 2], [1, 1], [2, 0], [1, 0]]])
+    weights = torch.tensor([[[0.7, 0.3], [0.5, 0.5], [1.0, 0.0], [0.25, 0.75]]])
+    out = moe(x, ActionRoute(index, weights))
     gate_up, down = moe.experts.gate_up_proj, moe.experts.down_proj
+    shared = moe.experts.shared
     for row in range(4):
-        expected = torch.zeros(6)
+        h = x[0, row]
+        expected = shared.down_proj.weight @ (torch.nn.functional.silu(shared.gate_proj.weight @ h) * (shared.up_proj.weight @ h))
         for j in range(2):
-            e = int(index[row, j])
-            gate, up = (gate_up[e] @ x[row]).chunk(2)
-            expected += weights[row, j] * (down[e] @ (torch.nn.functional.silu(gate) * up))
-        assert torch.allclose(out[row], expected, atol=1e-5)
+            e = int(index[0, row, j])
+            gate, up = (gate_up[e] @ h).chunk(2)
+            expected += weights[0, row, j] * (down[e] @ (torch.nn.functional.silu(gate) * up))
+        assert torch.allclose(out[0, row], expected, atol=1e-5)
+    assert moe.last_counts.tolist() == [3, 3, 2]
 
 
 # ---- focal loss ---------------------------------------------------------------------------------------------------
@@ -148,11 +151,22 @@ def test_focal_loss_by_hand():
     alpha = torch.tensor([0.5, 0.25, 0.25])
     # row 0: p = e^2 / (e^2 + 2) = 0.786986, -0.5 (1 - p)^2 ln p = 0.0054347
     # row 1: p = 1 / (2 + e) = 0.211942, -0.25 (1 - p)^2 ln p = 0.2408758
-    assert focal_loss(logits, target, 2.0, alpha).item() == pytest.approx((0.0054347 + 0.2408758) / 2, abs=1e-6)
-    # gamma 0 without alpha is the cross-entropy
-    ce = torch.nn.functional.cross_entropy(logits[:2], target[:2])
-    assert focal_loss(logits, target, 0.0).item() == pytest.approx(ce.item(), abs=1e-6)
-    assert torch.allclose(inverse_frequency_alpha([1, 3, 0]), torch.tensor([0.75, 0.25, 0.0]))
+    assert focal_loss(logits, target, 2.0, alpha, ignore_index=-1).item() == pytest.approx((0.0054347 + 0.2408758) / 2, abs=1e-6)
+    assert focal_loss(logits, target, 2.0, alpha, "sum", ignore_index=-1).item() == pytest.approx(0.0054347 + 0.2408758, abs=1e-6)
+    assert focal_loss(logits, target, 2.0, alpha, "none", ignore_index=-1).tolist() == pytest.approx([0.0054347, 0.2408758, 0.0], abs=1e-6)
+    # gamma 0 without alpha is the cross-entropy (which ignores the same rows)
+    ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=-1)
+    assert focal_loss(logits, target, 0.0, ignore_index=-1).item() == pytest.approx(ce.item(), abs=1e-6)
+    # an absent class weighs as much as the rarest seen one: inverses 1, 1/3, 1 over their sum 7/3
+    assert inverse_frequency_alpha([1, 3, 0]).tolist() == pytest.approx([3 / 7, 1 / 7, 3 / 7])
+
+
+def test_focal_loss_without_a_labelled_row_is_zero_and_still_backpropagates():
+    logits = torch.randn(3, 4, requires_grad=True)
+    loss = focal_loss(logits, torch.full((3,), -1), 2.0, torch.full((4,), 0.25), ignore_index=-1)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad is not None and torch.equal(logits.grad, torch.zeros(3, 4))
 
 
 # ---- metrics -------------------------------------------------------------------------------------------------------

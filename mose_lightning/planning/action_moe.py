@@ -7,7 +7,8 @@ layer, as DriveMoE's planner does; recomputed at every denoising step, since tho
               expert set per trajectory, for all its tokens;
   mose_chain  the expert is given (the MoSE planning-level skill decided on the prompt), weight 1.
 Top-k weights are the top-k softmax probabilities renormalised to sum to one. The shared expert is added
-unweighted. The experts are the framework's stacked SwiGLU experts.
+unweighted: the framework's `Experts` with its shared expert and combine="sum" computes exactly
+shared(x) + sum_k w_k expert_k(x).
 """
 
 from __future__ import annotations
@@ -20,20 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from mose_lightning.moe import StackedSwiGLUExperts, sort_rows_by_expert
+from mose_lightning.moe import Experts
 from mose_lightning.moe.routing import load_balancing_loss
-
-
-def _experts_forward(experts: StackedSwiGLUExperts, x: torch.Tensor, expert_index: torch.Tensor,
-                     weights: torch.Tensor) -> torch.Tensor:
-    """experts(x (N, H), expert_index (N, k) long, weights (N, k)) -> (N, H): the sum over k of weights[:, j] times
-    expert expert_index[:, j] applied to x. The one place that adapts to the experts' calling convention (rows
-    sorted by expert with a count per expert today)."""
-    rows, k = expert_index.shape
-    order, inverse, counts = sort_rows_by_expert(expert_index.reshape(-1), experts.num_experts)
-    out = experts(x.index_select(0, order // k), counts)
-    out = out.index_select(0, inverse).view(rows, k, -1)
-    return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)
 
 
 class SwiGLU(nn.Module):
@@ -125,14 +114,10 @@ class ActionMoE(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, activation: str = "silu") -> None:
         super().__init__()
-        self.shared = SwiGLU(hidden_size, intermediate_size, activation)
-        self.experts = StackedSwiGLUExperts(num_experts, hidden_size, intermediate_size, activation, dispatch="loop")
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
+                               shared=SwiGLU(hidden_size, intermediate_size, activation), combine="sum")
         self.last_counts: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor, route: ActionRoute) -> torch.Tensor:
-        batch, seq, hidden = x.shape
-        k = route.expert_index.shape[-1]
-        index = route.expert_index.reshape(-1, k)
-        self.last_counts = torch.bincount(index.reshape(-1).detach(), minlength=self.experts.num_experts)
-        routed = _experts_forward(self.experts, x.reshape(-1, hidden), index, route.weights.reshape(-1, k))
-        return self.shared(x) + routed.view(batch, seq, hidden)
+        self.last_counts = torch.bincount(route.expert_index.reshape(-1).detach(), minlength=self.experts.num_experts)
+        return self.experts(x, route.expert_index, route.weights)

@@ -222,7 +222,7 @@ class PlannerHead(nn.Module):
                 if logits.dim() == 3:  # token level: every token is supervised with its sample's class
                     target = target.unsqueeze(1).expand(-1, logits.shape[1]).reshape(-1)
                     logits = logits.reshape(-1, logits.shape[-1])
-                losses["router"] = focal_loss(logits, target, focal_gamma, self.class_alpha)
+                losses["router"] = focal_loss(logits, target, focal_gamma, self.class_alpha, ignore_index=-1)
             losses["balance"] = self.router.balance_loss(route)
         return losses
 

@@ -1,13 +1,15 @@
 """The two reads the planner makes from the vision-language model, in one place: the hidden states of the prompt
 tokens it attends to, and the planning-level skill the MoSE routers decided on the prompt (mose_chain routing).
-Unlike the rest of this package this file knows the model wrapper (mose_lightning.model)."""
+Unlike the rest of this package this file knows the model wrapper (mose_lightning.model) and its output."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
+
+from mose_lightning.moe.routing import RouteDecision
 
 
 @dataclass
@@ -18,27 +20,24 @@ class VLMFeatures:
     lm_loss: Optional[torch.Tensor] = None  # answer-token loss when asked for (batch with labels)
 
 
-def planning_route(model, level: str) -> Optional[torch.Tensor]:
-    """(B,) expert chosen by the last MoSE layer of `level` in the model's last forward, or None when the model has
-    no sequence-routed layer of that level. The last layer of the level: the route closest to the output."""
-    routes = [r for r in model.skill_chain() if r.level == level]
-    if not routes:
+def planning_route(routes: Sequence[RouteDecision], level: str) -> Optional[torch.Tensor]:
+    """(B,) expert chosen by the last sequence-routed layer of `level` among a forward's routes (in layer order),
+    or None when no layer of that level routed. The last layer of the level: the route closest to the output."""
+    chosen = [r for r in routes if r.level == level]
+    if not chosen:
         return None
-    return torch.tensor(routes[-1].expert, dtype=torch.long)
+    return chosen[-1].expert.long()
 
 
 def vlm_features(model, batch: Dict[str, Any], layer: int = -1, level: str = "planning",
                  with_lm_loss: bool = False) -> VLMFeatures:
     """One forward of the VLM on a batch of encoded samples. Routing is always the routers' own (never the skill
     labels), so that training sees the routes inference will see."""
-    inputs = model.adapter.model_inputs(batch)
-    labels = batch.get("labels") if with_lm_loss else None
-    with model.routing(batch.get("prompt_mask"), batch.get("skill_labels"), teacher_forcing=False):
-        out = model.backbone(**inputs, labels=labels, use_cache=False, output_hidden_states=True)
+    out = model(batch, with_loss=with_lm_loss, route_source="router", output_hidden_states=True)
     mask = batch["attention_mask"].bool()
     if batch.get("prompt_mask") is not None:
         mask = mask & batch["prompt_mask"].bool()
-    chain = planning_route(model, level)
     hidden = out.hidden_states[layer]
+    chain = planning_route(out.routes, level)
     return VLMFeatures(hidden, mask, None if chain is None else chain.to(hidden.device),
                        out.loss if with_lm_loss else None)

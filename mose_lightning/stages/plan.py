@@ -26,11 +26,10 @@ import lightning.pytorch as pl
 import torch
 from safetensors.torch import load_file, save_file
 
-from mose_lightning.checkpoint import load_model, save_model, saved_parameter_names
+from mose_lightning.checkpoint import load_model, model_dir_of, model_from_config, save_model, saved_tensor_names
 from mose_lightning.config import ConfigError, ExperimentConfig, load_config
 from mose_lightning.data.planning import PlanningDataModule, PlanStatistics, PlanTargetSpec, check_split, plan_statistics
 from mose_lightning.io import atomic_write_json
-from mose_lightning.model import build_model
 from mose_lightning.moe.losses import inverse_frequency_alpha
 from mose_lightning.planning.flow_matching import FlowMatching
 from mose_lightning.planning.planner import PlannerHead, PlannerSpec
@@ -38,7 +37,6 @@ from mose_lightning.planning.vlm import VLMFeatures, vlm_features
 from mose_lightning.stages.common import NonFiniteLoss, build_optimizer
 from mose_lightning.stages.plan_eval import evaluate_planner, headline, noise_for
 from mose_lightning.stages.plan_features import CachedPlanData, cached_features
-from mose_lightning.stages.sft import model_dir_of
 from mose_lightning.training import apply_threads, finish_run, make_trainer, resume_path, scalar_metrics, start_run
 
 PLANNER_DIR = "planner"
@@ -49,7 +47,7 @@ PLANNER_META = "planner.json"
 # ---- the VLM and the checks ------------------------------------------------------------------------------------
 def build_vlm(cfg: ExperimentConfig):
     """The VLM the planner reads: the trained model of `init_from`, else the one the config builds."""
-    model = load_model(model_dir_of(cfg.init_from)) if cfg.init_from else build_model(cfg)
+    model = load_model(cfg.init_from) if cfg.init_from else model_from_config(cfg)
     if not cfg.plan.train_vlm:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -231,12 +229,12 @@ class PlanModule(pl.LightningModule):
     # ---- optimisation and checkpoints -----------------------------------------------------------------------
     def configure_optimizers(self):
         params = [param for param in self.parameters() if param.requires_grad]
-        return build_optimizer(self, params, self.cfg, self.cfg.trainer.max_steps)
+        return build_optimizer(params, self.cfg, self.cfg.trainer.max_steps)
 
     def _kept_keys(self, state: Dict[str, Any]) -> set:
         keep = {k for k in state if k.startswith("planner.")}
         if self.cfg.plan.train_vlm:
-            keep |= {f"model.backbone.{name}" for name in saved_parameter_names(self.vlm)}
+            keep |= {f"model.backbone.{name}" for name in saved_tensor_names(self.vlm)}
         return keep
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
