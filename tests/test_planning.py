@@ -144,6 +144,21 @@ def test_action_moe_adds_the_shared_expert_unweighted_to_the_weighted_chosen_swi
     assert moe.last_counts.tolist() == [3, 3, 2]
 
 
+def test_mose_chain_expert_is_the_last_planning_level_route_of_the_forward():
+    from mose_lightning.moe.routing import RouteDecision
+    from mose_lightning.planning.vlm import planning_route
+
+    def route(layer, level, experts):
+        expert = torch.tensor(experts)
+        return RouteDecision(layer, level, expert, torch.zeros(len(experts), 4), torch.zeros(len(experts), 8))
+
+    routes = [route(0, "perception", [3, 3]), route(4, "planning", [1, 0]), route(5, "planning", [2, 1]),
+              route(6, "prediction", [0, 0])]
+    assert planning_route(routes, "planning").tolist() == [2, 1]
+    assert planning_route(routes, "perception").tolist() == [3, 3]
+    assert planning_route(routes[:1], "planning") is None
+
+
 # ---- focal loss ---------------------------------------------------------------------------------------------------
 def test_focal_loss_by_hand():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]])
@@ -326,6 +341,17 @@ def test_synthetic_trajectories_follow_the_scene_roles():
     assert both >= 10 and seen_sides == {"left", "right"}  # genuinely bimodal detours
     plain = make_sample("train", 7, 0)
     assert plain.planning is None and plain.images == make_sample("train", 7, 0, trajectories=True).images
+
+
+def test_perception_family_takes_the_trajectory_option_too():
+    from data_recipes.synthetic import make_sample
+
+    for i in range(6):
+        with_plan = make_sample("val", i, 3, family="perception", trajectories=True)
+        plain = make_sample("val", i, 3, family="perception")
+        assert with_plan.task in ("objects", "locate") and with_plan.skills is None
+        assert plain.planning is None and len(with_plan.planning["trajectory"]) == 6
+        assert with_plan.images == plain.images and with_plan.key == plain.key
 
 
 # ---- nuScenes ego poses ------------------------------------------------------------------------------------------
