@@ -95,7 +95,7 @@ def run_stage_command(stage: str, config: str, overrides: List[str]):
     if stage not in STAGE_RUNNERS:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
     prepared_as, module_name, function = STAGE_RUNNERS[stage]
-    if stage != "eval":
+    if stage not in ("eval", "plan-eval"):
         apply_cpu_training_settings(cfg)
     with _one_rank_at_a_time(cfg):
         pipeline.prepare(cfg, prepared_as)
@@ -245,8 +245,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             apply_cpu_training_settings(load_config(PROJECT_ROOT / config_path(configs, "mose"), _overrides(args.overrides)))
             run_reproduce(_overrides(args.overrides), args.quick, configs, args.workers, args.root)
         elif args.command == "plan-compare":
-            from mose_lightning.plan_compare import run_plan_compare
+            from mose_lightning.plan_compare import EXPERIMENTS, VARIANTS, run_plan_compare
 
+            # Every variant trains in this process on the same base settings: the first one's config decides.
+            apply_cpu_training_settings(load_config(EXPERIMENTS / f"{VARIANTS[0][1]}.yaml", _overrides(args.overrides)))
             run_plan_compare(_overrides(args.overrides), _seeds(args.seeds), args.out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
