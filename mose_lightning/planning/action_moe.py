@@ -116,8 +116,6 @@ class ActionMoE(nn.Module):
         super().__init__()
         self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
                                shared=SwiGLU(hidden_size, intermediate_size, activation), combine="sum")
-        self.last_counts: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor, route: ActionRoute) -> torch.Tensor:
-        self.last_counts = torch.bincount(route.expert_index.reshape(-1).detach(), minlength=self.experts.num_experts)
         return self.experts(x, route.expert_index, route.weights)

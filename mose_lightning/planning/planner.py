@@ -103,6 +103,12 @@ class PlannerOutput:
     route: Optional[ActionRoute]
 
 
+@dataclass
+class PlannerSample:
+    trajectory: torch.Tensor  # (B, horizon, 2) metres, ego frame
+    route: Optional[ActionRoute]  # the route of the last Euler step (None without MoE layers)
+
+
 class PlannerHead(nn.Module):
     def __init__(self, spec: PlannerSpec) -> None:
         super().__init__()
@@ -126,7 +132,6 @@ class PlannerHead(nn.Module):
         self.register_buffer("state_mean", torch.zeros(state_dim(spec.history)))
         self.register_buffer("state_std", torch.ones(state_dim(spec.history)))
         self.register_buffer("class_alpha", torch.ones(spec.num_experts) / spec.num_experts)
-        self.last_route: Optional[ActionRoute] = None
 
     STATISTICS = ("action_low", "action_high", "state_mean", "state_std", "class_alpha")
 
@@ -189,7 +194,6 @@ class PlannerHead(nn.Module):
             if i == self.spec.first_moe_layer:
                 route = self._route(h, chain_expert)
             h = layer(h, context, pad, route)
-        self.last_route = route
         return PlannerOutput(self.action_out(self.norm_out(h[:, 1:])), route)
 
     def _route(self, h: torch.Tensor, chain_expert: Optional[torch.Tensor]) -> ActionRoute:
@@ -229,13 +233,18 @@ class PlannerHead(nn.Module):
     @torch.no_grad()
     def sample(self, hidden: torch.Tensor, context_mask: torch.Tensor, state: torch.Tensor, flow: FlowMatching,
                chain_expert: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-               steps: Optional[int] = None) -> torch.Tensor:
-        """(B, horizon, 2) trajectories in metres: `steps` Euler steps from noise (drawn when not given)."""
+               steps: Optional[int] = None) -> PlannerSample:
+        """Trajectories in metres by `steps` Euler steps from noise (drawn when not given), with the route of the
+        last step (the one closest to the trajectory returned)."""
         context = self.encode_context(hidden)
         if noise is None:
             noise = torch.randn(hidden.shape[0], self.spec.horizon, ACTION_DIM, device=hidden.device)
+        routes = []
 
         def velocity(x, t):
-            return self.velocity(x, t, context, context_mask, state, chain_expert).velocity.float()
+            out = self.velocity(x, t, context, context_mask, state, chain_expert)
+            routes.append(out.route)
+            return out.velocity.float()
 
-        return self.denormalize_actions(flow.integrate(velocity, noise.float(), steps))
+        trajectory = self.denormalize_actions(flow.integrate(velocity, noise.float(), steps))
+        return PlannerSample(trajectory, routes[-1] if routes else None)

@@ -190,15 +190,15 @@ class PlanModule(pl.LightningModule):
             torch.manual_seed(self.cfg.plan.eval_seed + batch_idx)
             _, losses = self._losses(batch, feats)
         keys = [m["key"] for m in batch["meta"]]
-        pred = self.planner.sample(feats.hidden, feats.mask, batch["plan_state"], self.flow, feats.chain_expert,
-                                   noise_for(keys, self.cfg.plan.horizon, self.cfg.plan.eval_seed, self.device))
+        sampled = self.planner.sample(feats.hidden, feats.mask, batch["plan_state"], self.flow, feats.chain_expert,
+                                      noise_for(keys, self.cfg.plan.horizon, self.cfg.plan.eval_seed, self.device))
+        pred, route = sampled.trajectory, sampled.route
         errors = (pred - batch["plan_trajectory"]).norm(dim=-1)  # (B, H)
         size = max(1, n)
         weight = valid.float()
         self.log("val/flow_loss", losses["flow"], sync_dist=True, batch_size=size, prog_bar=True)
         self.log("val/ade", (errors.mean(1) * weight).sum() / size, sync_dist=True, batch_size=size)
         self.log("val/fde", (errors[:, -1] * weight).sum() / size, sync_dist=True, batch_size=size)
-        route = self.planner.last_route
         labels = batch["plan_scenario"]
         labelled = valid & (labels >= 0)
         if route is not None and route.logits is not None and bool(labelled.any()):

@@ -49,9 +49,9 @@ def predict(module, batches, device, skill_level: str) -> List[Dict[str, Any]]:
         batch = to_device(batch, device)
         feats = module.features(batch)
         keys = [m["key"] for m in batch["meta"]]
-        pred = planner.sample(feats.hidden, feats.mask, batch["plan_state"], module.flow, feats.chain_expert,
-                              noise_for(keys, cfg.plan.horizon, cfg.plan.eval_seed, device))
-        route = planner.last_route
+        sampled = planner.sample(feats.hidden, feats.mask, batch["plan_state"], module.flow, feats.chain_expert,
+                                 noise_for(keys, cfg.plan.horizon, cfg.plan.eval_seed, device))
+        pred, route = sampled.trajectory, sampled.route
         experts = None
         if route is not None:
             if route.logits is not None and route.logits.dim() == 3:  # token level: the horizon tokens' top-1 votes
