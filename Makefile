@@ -10,7 +10,7 @@ CONFIG      ?= configs/experiment/toy_mose.yaml
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-quality test-gpu gpu-check demo pretrain-router sft expert-group eval bench bench-gpu reproduce-toy clean
+.PHONY: install test test-quality test-gpu gpu-check demo pretrain-router sft expert-group eval plan plan-compare bench bench-gpu reproduce-toy clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,16 @@ expert-group: install
 
 eval: install
 	$(VENV)/bin/mose eval --config $(CONFIG) $(ARGS)
+
+# The planner head on the VLM (trajectory-level Action MoE on the toy unless CONFIG=...): train, save, evaluate.
+PLAN_CONFIG = $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/experiment/toy_plan.yaml)
+
+plan: install
+	$(VENV)/bin/mose plan --config $(PLAN_CONFIG) $(ARGS)
+
+# Dense / token-level / trajectory-level / MoSE-chain planners on the synthetic set, 3 seeds (about 20 min on CPU).
+plan-compare: install
+	$(VENV)/bin/mose plan-compare $(ARGS)
 
 bench: install
 	$(PY) -m benchmarks.run_all

@@ -52,6 +52,34 @@ Skills per level (exact names of configs/skills/driving.yaml), by the same rules
               none -> general
   planning    regional -> the boxed object's role; else the most important object's role; none -> general
 
+Trajectories (option `trajectories=True`, `--trajectories`): each sample also gets the `planning` field of the
+sample format (mose_lightning/data/sample.py): 6 future ego waypoints at 2 Hz and 4 past ones, the ego speed, a
+navigation command, a scenario label and the obstacle boxes of the scene, all in metres in the ego frame (x
+forward, y left). Objects stand at near 12 m, mid 25 m, far 45 m (+-1 m), lanes are 3.5 m wide; the ego drives
+at 6-10 m/s. The most important object decides the manoeuvre:
+
+    role                           trajectory                                         DriveMoE scenario
+    red_light, stop_sign           brake evenly to stop before the stop line          traffic_light_sign
+    yellow_light                   brake at 1.5-2.5 m/s^2 (prepare to stop)           traffic_light_sign
+    speed_sign                     slow to 75% of the speed                           traffic_light_sign
+    ped_crossing                   brake evenly to stop before the crosswalk          give_way
+    barrier/cones/debris_block     slow down and change lane (the detour below)       overtaking
+    car_cut_in                     brake (the least braking that keeps clear)         emergency_brake
+    slow_car_ahead, cyclist_ahead  brake to the lead's speed (least braking, 1 m gap) normal (car following)
+    side_cones                     slow to 80%                                        normal
+    green_light, clear road        constant speed (+-0.3 m/s^2)                       normal
+DriveMoE's merging and parking_exit have no synthetic counterpart: those classes stay empty here.
+The detour is the genuinely multi-modal case: with one side lane busy it goes to the free one (what the image
+shows); with both side lanes free it goes left or right with equal odds, and the navigation command (`left` /
+`right`) is the only input that tells which; then the text answers name that side too. Other scenes get the
+command `straight`. A second key object nearer than the first (a slow car before a far red light) is respected
+too: the ground truth then brakes for it. Braking and lane-change lengths are searched so that the ground truth clears every obstacle
+box by the same check the collision metric applies (mose_lightning/planning/geometry.py); waypoint noise (5 cm)
+is dropped where it would not. Obstacle boxes: vehicles, cyclists, pedestrians (crossing ones moving at 1.4 m/s),
+cones, barriers and debris as `object`s, the crosswalk of a crossing pedestrian and the junction behind a red
+light or stop sign as `stop_zone`s. The trajectory draws from its own random stream, so the images and, apart
+from the detour side, the texts are those of the same sample without the option.
+
 Question families (`family`): "driving" (default) is the task set above. "perception" asks about the same scenes
 (scene i of a split and seed is the same scene in both families) only what is where, never what it means:
   objects     every object (key objects and distractors alike) in a fixed spatial order, near to far and left to
@@ -83,6 +111,7 @@ from PIL import Image, ImageDraw
 from data_recipes.common import ConversionReport, progress
 from mose_lightning.data.sample import Sample, encode_jpeg, make_key
 from mose_lightning.data.shards import ShardWriter, prepare_output_dirs
+from mose_lightning.planning.geometry import EGO_LENGTH, sweep_obstacles
 
 TASK_ORDER = ("general", "regional", "suggestion")
 # Tasks of each question family, taken in turn by sample index (see the module doc).
@@ -366,6 +395,177 @@ def answer_and_skills(scene: Scene, task: str, target: Optional[Obj] = None) -> 
     return text, {"perception": perception, "prediction": prediction, "planning": planning}
 
 
+# --- trajectories (option) ---------------------------------------------------------------------------------------
+
+PLAN_RATE_HZ = 2.0
+PLAN_HORIZON = 6
+PLAN_HISTORY = 4
+LANE_WIDTH = 3.5
+DISTANCE_M = {"near": 12.0, "mid": 25.0, "far": 45.0}
+BLOCKING_ROLES = ("barrier_block", "cones_block", "debris_block")
+ROLE_SCENARIO = {
+    "red_light": "traffic_light_sign", "stop_sign": "traffic_light_sign", "yellow_light": "traffic_light_sign",
+    "speed_sign": "traffic_light_sign", "ped_crossing": "give_way", "barrier_block": "overtaking",
+    "cones_block": "overtaking", "debris_block": "overtaking", "car_cut_in": "emergency_brake",
+    "slow_car_ahead": "normal", "cyclist_ahead": "normal", "side_cones": "normal", "green_light": "normal",
+    "parked_car": "normal", "sidewalk_ped": "normal",
+}
+# Object boxes (length along x, width along y) in metres.
+BOX_SIZE = {"car": (4.5, 1.9), "truck": (7.0, 2.4), "pedestrian": (0.6, 0.6), "cyclist": (1.8, 0.7),
+            "barrier_block": (0.6, 3.0), "cones_block": (1.0, 2.6), "side_cones": (1.0, 2.6), "debris_block": (1.5, 2.0)}
+_DENSE_T = 4.0  # seconds of trajectory the ground-truth search keeps clear (beyond the 3 s horizon)
+_BRAKES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0)  # m/s^2, mildest first
+
+
+def _side_busy(scene: Scene, lane: int) -> bool:
+    """A near/mid object in a side lane blocks a lane change to it (far parked cars do not)."""
+    return any(o.lane == lane and o.role.slot == "side" and o.distance != "far" for o in scene.objects)
+
+
+def choose_detour_side(scene: Scene, rng: random.Random) -> None:
+    """A blocked ego lane with both side lanes free: left or right with equal odds (the command says which)."""
+    first = scene.keys[0] if scene.keys else None
+    if first is not None and first.role.name in BLOCKING_ROLES and not _side_busy(scene, -1) and not _side_busy(scene, 1):
+        scene.manoeuvre_side = rng.choice(("left", "right"))
+
+
+def _obstacles(scene: Scene, distance: Dict[int, float], speeds: Dict[int, Tuple[float, float]]) -> List[Dict[str, Any]]:
+    """Boxes of the scene's objects (ego frame at t = 0) and stop zones of red lights, stop signs and crosswalks."""
+    out: List[Dict[str, Any]] = []
+    for i, o in enumerate(scene.objects):
+        name, d = o.role.name, distance[i]
+        if name in ("red_light", "stop_sign"):
+            out.append({"kind": "stop_zone", "center": [d + 7.5, 0.0], "size": [15.0, LANE_WIDTH], "velocity": [0.0, 0.0]})
+            continue
+        if o.role.slot in ("overhead", "roadside"):
+            continue  # yellow/green lights and speed signs block nothing
+        size = BOX_SIZE.get(o.kind) or BOX_SIZE[name]
+        y = -o.lane * LANE_WIDTH * (1.8 if o.role.slot == "sidewalk" else 1.0)
+        vx, vy = speeds.get(i, (0.0, 0.0))
+        if name == "ped_crossing":
+            y = -vy * 1.0  # one second before it reaches the lane centre
+            out.append({"kind": "stop_zone", "center": [d, 0.0], "size": [2.0, LANE_WIDTH], "velocity": [0.0, 0.0]})
+        out.append({"kind": "object", "center": [d + size[0] / 2, y], "size": list(size), "velocity": [vx, vy]})
+    return out
+
+
+def _profile(v0: float, brake: float, v_floor: float, times) -> List[float]:
+    """Distance travelled at `times` when braking at `brake` from v0 down to v_floor, then holding v_floor."""
+    out = []
+    t_floor = (v0 - v_floor) / brake if brake > 0 else math.inf
+    for t in times:
+        if t <= t_floor:
+            out.append(v0 * t - 0.5 * brake * t * t)
+        else:
+            out.append(v0 * t_floor - 0.5 * brake * t_floor ** 2 + v_floor * (t - t_floor))
+    return out
+
+
+def _cruise(v0: float, accel: float, times) -> List[float]:
+    return [v0 * t + 0.5 * accel * t * t for t in times]
+
+
+def _smoothstep(u: float) -> float:
+    u = min(1.0, max(0.0, u))
+    return u * u * (3.0 - 2.0 * u)
+
+
+def _clear(points: List[Tuple[float, float]], rate: float, obstacles: List[Dict[str, Any]], margin: float = 0.0) -> bool:
+    """No object hit and no stop zone entered along points at `rate` (objects inflated by `margin` metres)."""
+    grown = [dict(o, size=[o["size"][0] + 2 * margin, o["size"][1] + 2 * margin]) if o["kind"] == "object" else o
+             for o in obstacles]
+    collision, stop = sweep_obstacles(points, rate, grown)
+    return not (collision.any() or stop.any())
+
+
+def plan_scene(scene: Scene, rng: random.Random) -> Dict[str, Any]:
+    """The `planning` field of a scene (see the module doc)."""
+    distance = {i: DISTANCE_M[o.distance] + rng.uniform(-1.0, 1.0) for i, o in enumerate(scene.objects)}
+    v0 = rng.uniform(6.0, 10.0)
+    speeds: Dict[int, Tuple[float, float]] = {}
+    for i, o in enumerate(scene.objects):
+        n = o.role.name
+        if n == "slow_car_ahead":
+            speeds[i] = (rng.uniform(0.3, 0.6) * v0, 0.0)
+        elif n == "cyclist_ahead":
+            speeds[i] = (4.0, 0.0)
+        elif n == "car_cut_in":
+            speeds[i] = (rng.uniform(0.4, 0.7) * v0, o.lane * 0.9)  # towards the ego lane
+        elif n == "ped_crossing":
+            speeds[i] = (0.0, 1.4 if o.motion == "crossing_left" else -1.4)
+    obstacles = _obstacles(scene, distance, speeds)
+    first = scene.keys[0] if scene.keys else None
+    role = first.role.name if first is not None else "clear"
+    d = distance[0] if first is not None else 0.0
+    dense_dt = 1.0 / (PLAN_RATE_HZ * 4)
+    dense_t = [dense_dt * (k + 1) for k in range(int(_DENSE_T / dense_dt))]
+    times = [(k + 1) / PLAN_RATE_HZ for k in range(PLAN_HORIZON)]
+    side = 1.0 if scene.manoeuvre_side == "left" else -1.0
+    command = "straight"
+
+    def stop_before(front: float):
+        s_stop = max(0.5, front - EGO_LENGTH / 2 - rng.uniform(0.8, 1.5))
+        brake = v0 * v0 / (2 * s_stop)
+        return lambda ts: [(x, 0.0) for x in _profile(v0, brake, 0.0, ts)]
+
+    def least_braking(v_floor_of):
+        for brake in _BRAKES:
+            path = lambda ts, b=brake: [(x, 0.0) for x in _profile(v0, b, v_floor_of(b), ts)]
+            if _clear(path(dense_t), 1.0 / dense_dt, obstacles, margin=1.0):
+                return path
+        return lambda ts: [(x, 0.0) for x in _profile(v0, _BRAKES[-1], 0.0, ts)]
+
+    if role in ("red_light", "stop_sign"):
+        path = stop_before(d)
+    elif role == "ped_crossing":
+        path = stop_before(d - 1.0)
+    elif role in BLOCKING_ROLES:
+        command = scene.manoeuvre_side
+        slow = lambda ts: _profile(v0, 1.5, 0.7 * v0, ts)
+        path = None
+        for length in (25.0, 22.0, 19.0, 16.0, 13.0, 10.0, 8.0):
+            candidate = lambda ts, L=length: [(x, side * LANE_WIDTH * _smoothstep(x / L)) for x in slow(ts)]
+            if _clear(candidate(dense_t), 1.0 / dense_dt, obstacles, margin=0.3):
+                path = candidate
+                break
+        if path is None:  # no lane change fits: stop in front of the obstacle instead
+            command, path = "straight", stop_before(d)
+    elif role in ("slow_car_ahead", "cyclist_ahead", "car_cut_in"):
+        lead = speeds[0][0]
+        path = least_braking(lambda b: min(lead, v0) if role != "car_cut_in" else 0.5 * lead)
+    elif role == "yellow_light":
+        brake = rng.uniform(1.5, 2.5)
+        path = lambda ts: [(x, 0.0) for x in _profile(v0, brake, 0.0, ts)]
+    elif role == "speed_sign":
+        path = lambda ts: [(x, 0.0) for x in _profile(v0, 1.0, 0.75 * v0, ts)]
+    elif role == "side_cones":
+        path = lambda ts: [(x, 0.0) for x in _profile(v0, 0.8, 0.8 * v0, ts)]
+    else:  # green light, clear road
+        accel = rng.uniform(-0.3, 0.3)
+        path = lambda ts: [(x, 0.0) for x in _cruise(v0, accel, ts)]
+    if not _clear(path(dense_t), 1.0 / dense_dt, obstacles):
+        # A second key object nearer than the first (a slow car before a far red light) also has to be respected.
+        path = least_braking(lambda b: 0.0)
+    clean = path(times)
+    noisy = [(x + rng.gauss(0.0, 0.05), y + rng.gauss(0.0, 0.05)) for x, y in clean]
+    # Noise must not create a collision the clean trajectory avoids (nor move a stopped car backwards).
+    stopped = [b[0] - a[0] < 0.05 for a, b in zip([(0.0, 0.0)] + clean[:-1], clean)]
+    noisy = [c if s else n for c, n, s in zip(clean, noisy, stopped)]
+    trajectory = noisy if _clear(noisy, PLAN_RATE_HZ, obstacles) else clean
+    history = [(-v0 * k / PLAN_RATE_HZ + rng.gauss(0.0, 0.05), rng.gauss(0.0, 0.03))
+               for k in range(PLAN_HISTORY, 0, -1)]
+    return {
+        "trajectory": [[round(x, 3), round(y, 3)] for x, y in trajectory],
+        "rate_hz": PLAN_RATE_HZ,
+        "history": [[round(x, 3), round(y, 3)] for x, y in history],
+        "speed": round(v0, 3),
+        "command": command,
+        "scenario": ROLE_SCENARIO.get(role, "normal"),
+        "obstacles": [{k: ([round(v, 3) for v in val] if isinstance(val, list) else val) for k, val in o.items()}
+                      for o in obstacles],
+    }
+
+
 # --- drawing -----------------------------------------------------------------------------------------------------
 
 
@@ -571,7 +771,7 @@ def perception_answer(scene: Scene, task: str, target: Optional[Obj] = None) -> 
 
 
 def make_sample(split: str, index: int, seed: int, width: int = 224, height: int = 126,
-                family: str = "driving") -> Sample:
+                family: str = "driving", trajectories: bool = False) -> Sample:
     if family not in FAMILIES:
         raise ValueError(f"synthetic: family must be one of {sorted(FAMILIES)}, got {family!r}")
     rng = random.Random(f"synthetic:{seed}:{split}:{index}")
@@ -582,6 +782,12 @@ def make_sample(split: str, index: int, seed: int, width: int = 224, height: int
     if boxed and not scene.objects:
         # A box needs an object: a clear road gets one distractor to point at.
         scene.distractors.append(_place(ROLES["parked_car"], rng, set()))
+    planning = None
+    if trajectories:
+        # Its own stream: the scene, the image and the text draws stay those of the sample without trajectories.
+        plan_rng = random.Random(f"synthetic-plan:{seed}:{split}:{index}")
+        choose_detour_side(scene, plan_rng)
+        planning = plan_scene(scene, plan_rng)
     img = render_scene(scene, width, height, rng)
     target = region = category = None
     if task == "regional":
@@ -624,6 +830,7 @@ def make_sample(split: str, index: int, seed: int, width: int = 224, height: int
         skills=skills,
         category=category,
         source=source,
+        planning=planning,
     )
 
 
@@ -640,6 +847,7 @@ def generate_synthetic(
     maxcount: int = 1000,
     show_progress: Optional[bool] = None,
     family: str = "driving",
+    trajectories: bool = False,
 ) -> ConversionReport:
     """Write OUT/train, OUT/val, OUT/test (each with a manifest); returns counts per split and task. `family`:
     the question family (module doc)."""
@@ -656,11 +864,12 @@ def generate_synthetic(
     prepare_output_dirs(list(dirs.values()), overwrite=overwrite)
     writers = {split: ShardWriter(path, prefix=split, maxcount=maxcount) for split, path in dirs.items()}
     stats = {split: {"skills": {lv: Counter() for lv in ("perception", "prediction", "planning")},
-                     "categories": Counter(), "roles": Counter()} for split in SPLIT_NAMES}
+                     "categories": Counter(), "roles": Counter(), "scenarios": Counter(), "commands": Counter()}
+             for split in SPLIT_NAMES}
     try:
         for split in SPLIT_NAMES:
             for i in progress(range(sizes[split]), desc=f"synthetic {split}", enabled=show_progress):
-                sample = make_sample(split, i, seed, width, height, family)
+                sample = make_sample(split, i, seed, width, height, family, trajectories)
                 writers[split].write(sample)
                 st = stats[split]
                 for level, skill in (sample.skills or {}).items():
@@ -668,11 +877,19 @@ def generate_synthetic(
                 if sample.category:
                     st["categories"][sample.category] += 1
                 st["roles"].update(sample.source["key_objects"])
+                if sample.planning is not None:
+                    st["scenarios"][sample.planning["scenario"]] += 1
+                    st["commands"][sample.planning["command"]] += 1
         for writer in writers.values():
             writer.close()
         counts = {}
         for split, writer in writers.items():
             st = stats[split]
+            planning = {"trajectories": trajectories}
+            if trajectories:
+                planning.update(rate_hz=PLAN_RATE_HZ, horizon=PLAN_HORIZON, history=PLAN_HISTORY,
+                                scenarios=dict(sorted(st["scenarios"].items())),
+                                commands=dict(sorted(st["commands"].items())))
             manifest = writer.commit({
                 "dataset": "synthetic",
                 **({} if family == "driving" else {"family": family}),
@@ -682,6 +899,7 @@ def generate_synthetic(
                 "skills": {lv: dict(sorted(c.items())) for lv, c in st["skills"].items()},
                 "categories": dict(sorted(st["categories"].items())),
                 "key_roles": dict(sorted(st["roles"].items())),
+                "planning": planning,
                 "num_skipped_entries": 0,
                 "skipped": [],
             })
@@ -707,6 +925,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="regenerate an output directory that is complete")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--progress", action="store_true", default=None, help="force the progress bar on")
+    p.add_argument("--trajectories", action="store_true",
+                   help="add future ego waypoints, ego state, command, scenario and obstacles (`planning`)")
     return p
 
 
@@ -717,6 +937,7 @@ def main(argv: Optional[Sequence[str]] = None) -> ConversionReport:
         args.out, args.num, held if args.num_val is None else args.num_val, held if args.num_test is None else args.num_test,
         args.seed, args.width, args.height, overwrite=args.overwrite, maxcount=args.maxcount, show_progress=args.progress,
         family=args.family,
+        trajectories=args.trajectories,
     )
     print(report.summary())
     return report

@@ -3,11 +3,12 @@
   mose params --config F [--json]              parameter counts (meta device: no weights needed)
   mose data coda-lm|drivelm|synthetic ...      dataset converters (data_recipes/)
   mose skills annotate --shards S --out DIR --annotator rule|gpt
-  mose pretrain-router | sft | expert-group | eval --config F [key=value ...]
+  mose pretrain-router | sft | expert-group | eval | plan | plan-eval --config F [key=value ...]
   mose predict --checkpoint DIR --image IMG [--image IMG2] --question "..." [--box x,y,w,h]
   mose report RUN_DIR [RUN_DIR ...]
   mose demo [--config F] [key=value ...]
   mose reproduce-toy [--quick] [--configs auto|toy|coda] [--workers N] [--root DIR] [key=value ...]
+  mose plan-compare [--seeds 0,1,2] [--out DIR] [key=value ...]
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ STAGE_RUNNERS = {
     "sft": ("sft", "mose_lightning.stages.sft", "run_sft"),
     "expert-group": ("expert_group", "mose_lightning.stages.sft", "run_expert_group"),
     "eval": ("eval", "mose_lightning.stages.evaluate", "run_eval"),
+    "plan": ("plan", "mose_lightning.stages.plan", "run_plan"),
+    "plan-eval": ("plan_eval", "mose_lightning.stages.plan", "run_plan_eval"),
 }
 STAGES = tuple(STAGE_RUNNERS)
 _TOY_MOSE = Path(__file__).resolve().parent.parent / "configs" / "experiment" / "toy_mose.yaml"
@@ -40,6 +43,16 @@ _TOY_MOSE = Path(__file__).resolve().parent.parent / "configs" / "experiment" / 
 def _overrides(values: List[str]) -> List[str]:
     # `checkpoint=PATH` reads better on an eval command line than init_from=PATH.
     return [("init_from=" + v.split("=", 1)[1]) if v.startswith("checkpoint=") else v for v in values]
+
+
+def _seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds: expected at least one seed")
+    return seeds
 
 
 def _quiet_known_warnings() -> None:
@@ -82,7 +95,7 @@ def run_stage_command(stage: str, config: str, overrides: List[str]):
     if stage not in STAGE_RUNNERS:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
     prepared_as, module_name, function = STAGE_RUNNERS[stage]
-    if stage != "eval":
+    if stage not in ("eval", "plan-eval"):
         apply_cpu_training_settings(cfg)
     with _one_rank_at_a_time(cfg):
         pipeline.prepare(cfg, prepared_as)
@@ -120,7 +133,8 @@ def _cmd_params(args) -> None:
 
 
 def _cmd_data(args, rest: List[str]) -> None:
-    modules = {"coda-lm": "data_recipes.coda_lm", "drivelm": "data_recipes.drivelm", "synthetic": "data_recipes.synthetic"}
+    modules = {"coda-lm": "data_recipes.coda_lm", "drivelm": "data_recipes.drivelm", "synthetic": "data_recipes.synthetic",
+               "nuscenes-ego": "data_recipes.nuscenes_ego"}
     if not rest or rest[0] not in modules:
         raise ConfigError(f"mose data: expected one of {sorted(modules)}, got {rest[:1]}")
     importlib.import_module(modules[rest[0]]).main(rest[1:])
@@ -164,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*")
-    sub.add_parser("data", help="convert a dataset to shards: coda-lm | drivelm | synthetic", add_help=False)
+    sub.add_parser("data", help="convert a dataset to shards: coda-lm | drivelm | synthetic | nuscenes-ego", add_help=False)
     p = sub.add_parser("skills", help="skill annotation")
     p.add_argument("action", choices=["annotate"])
     p.add_argument("--shards", required=True)
@@ -193,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("reproduce-toy", parents=[miniature_parser(add_help=False)],
                    help="the paper's comparisons in miniature (docs/miniature.md)")
+    p = sub.add_parser("plan-compare", help="the planner variants on the synthetic set, several seeds, one table")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
+    p.add_argument("--out", default="runs/plan_compare")
+    p.add_argument("overrides", nargs="*")
     return parser
 
 
@@ -226,6 +244,12 @@ def main(argv: Optional[List[str]] = None) -> None:
             # The main process trains only the toy's one-time preparation; every job applies them in its own.
             apply_cpu_training_settings(load_config(PROJECT_ROOT / config_path(configs, "mose"), _overrides(args.overrides)))
             run_reproduce(_overrides(args.overrides), args.quick, configs, args.workers, args.root)
+        elif args.command == "plan-compare":
+            from mose_lightning.plan_compare import EXPERIMENTS, VARIANTS, run_plan_compare
+
+            # Every variant trains in this process on the same base settings: the first one's config decides.
+            apply_cpu_training_settings(load_config(EXPERIMENTS / f"{VARIANTS[0][1]}.yaml", _overrides(args.overrides)))
+            run_plan_compare(_overrides(args.overrides), _seeds(args.seeds), args.out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

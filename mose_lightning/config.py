@@ -179,6 +179,9 @@ class SyntheticConfig:
     seed: int = 0
     image_width: int = 224
     image_height: int = 126
+    # Add each scene's future ego trajectory, ego state, navigation command and scenario label (the `planning`
+    # field, see data_recipes/synthetic.py); the planner stage needs it.
+    trajectories: bool = False
     # Question family (data_recipes/synthetic.py): driving (the CODA-LM-style tasks, annotated with skills) or
     # perception (what is where in the same scenes, no skills; the miniature's backbone preparation).
     family: str = "driving"
@@ -380,6 +383,103 @@ class EvalConfig:
         _choice("eval", "route_source", self.route_source, ["router", "labels", "shuffled"])
 
 
+
+@dataclass
+class PlanConfig:
+    """The planner head (a flow-matching action expert in the style of pi0, optionally with an Action MoE in its
+    last layers) and the planning stage. See mose_lightning/planning/ and mose_lightning/stages/plan.py."""
+
+    # dense: no MoE (Drive-pi0 style) | token: every horizon token routes itself | trajectory: the token logits
+    # averaged over the horizon, one expert set per trajectory for every MoE layer (DriveMoE) | mose_chain: the
+    # expert is the planning-level skill the MoSE routers decided on the prompt (top-1, no planner router).
+    routing: str = "trajectory"
+    # Future waypoints (ego frame, metres) at `rate_hz`; nuScenes open loop: 6 at 2 Hz (3 s).
+    horizon: int = 6
+    rate_hz: float = 2.0
+    # Past ego positions fed to the state token (at rate_hz), and whether speed/history/command reach the planner.
+    history: int = 4
+    use_ego_state: bool = True
+    use_command: bool = True
+    # Planner transformer. Defaults follow the pi0 / DriveMoE action expert (width 1024, 18 layers, MLP 4096).
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 18
+    num_heads: int = 8
+    activation: str = "silu"
+    # The last `moe_layers` layers carry a shared expert + `num_experts` skill experts, `top_k` per token.
+    moe_layers: int = 4
+    num_experts: int = 7
+    top_k: int = 3
+    # Router supervision: drivemoe = the seven DriveMoE scenario classes of `planning.scenario`; planning_skill =
+    # the skills of the taxonomy's `chain_level` level (`skills` of the sample). One class per expert.
+    scenario_labels: str = "drivemoe"
+    chain_level: str = "planning"
+    # Focal loss on the router logits (alpha = normalised inverse training-set class frequency).
+    router_loss_coef: float = 5.0
+    focal_gamma: float = 2.0
+    # Switch load-balancing loss on the planner router; DriveMoE uses none.
+    aux_loss_coef: float = 0.0
+    # Which hidden states of the language model the planner attends to (an index into `hidden_states`; -1: the
+    # last layer's, after the final norm).
+    vlm_layer: int = -1
+    # false: the VLM is frozen; true: what the MoE surgery left trainable (MoSE blocks) trains with the planner.
+    train_vlm: bool = False
+    # With train_vlm: weight of the answer-token loss added to the planner loss (0: planner loss only).
+    lm_loss_coef: float = 0.0
+    # Frozen VLM only: run it once per sample and train on its cached hidden states (all variants of a comparison
+    # share one cache). Costs disk: prompt tokens x hidden size per sample.
+    cache_features: bool = False
+    cache_dir: str = "artifacts/plan_cache"
+    # Action normalisation to [-1, 1] by training-set percentiles: per_dim (x and y over all steps, DriveMoE) or
+    # per_step (every waypoint's x and y on their own).
+    normalization: str = "per_dim"
+    percentiles: List[float] = field(default_factory=lambda: [1.0, 99.0])
+    # Flow matching (pi0): x_t = (1 - (1 - sigma_min) t) noise + t action, t = t_max (1 - z), z ~ Beta(a, b).
+    sigma_min: float = 0.001
+    time_beta: List[float] = field(default_factory=lambda: [1.5, 1.0])
+    time_max: float = 0.999
+    euler_steps: int = 10
+    # Evaluation: scenario classes under this share of the training set are reported as rare; samples timed for
+    # the planner-latency / prefill table; seed of the sampling noise.
+    rare_below: float = 0.15
+    latency_samples: int = 16
+    eval_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("plan", "routing", self.routing, ["dense", "token", "trajectory", "mose_chain"])
+        _choice("plan", "scenario_labels", self.scenario_labels, ["drivemoe", "planning_skill"])
+        _choice("plan", "normalization", self.normalization, ["per_dim", "per_step"])
+        _choice("plan", "activation", self.activation, ["silu", "gelu", "gelu_pytorch_tanh", "relu"])
+        for key in ("horizon", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_experts",
+                    "euler_steps", "rate_hz"):
+            _positive("plan", key, getattr(self, key))
+        for key in ("history", "moe_layers", "router_loss_coef", "focal_gamma", "aux_loss_coef", "lm_loss_coef",
+                    "latency_samples"):
+            _positive("plan", key, getattr(self, key), allow_zero=True)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"plan.num_heads: expected a divisor of plan.hidden_size ({self.hidden_size}), got {self.num_heads}")
+        if self.moe_layers > self.num_layers:
+            raise ConfigError(f"plan.moe_layers: expected at most plan.num_layers ({self.num_layers}), got {self.moe_layers}")
+        if self.routing in ("token", "trajectory") and not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"plan.top_k: expected 1 <= top_k <= plan.num_experts ({self.num_experts}), got {self.top_k}")
+        if self.routing != "dense" and self.moe_layers == 0:
+            raise ConfigError(f"plan.moe_layers: plan.routing={self.routing} needs at least one MoE layer, got 0")
+        if len(self.percentiles) != 2 or not 0.0 <= self.percentiles[0] < self.percentiles[1] <= 100.0:
+            raise ConfigError(f"plan.percentiles: expected [low, high] with 0 <= low < high <= 100, got {list(self.percentiles)}")
+        if len(self.time_beta) != 2 or min(self.time_beta) <= 0:
+            raise ConfigError(f"plan.time_beta: expected two positive Beta parameters [a, b], got {list(self.time_beta)}")
+        if not 0.0 < self.time_max <= 1.0:
+            raise ConfigError(f"plan.time_max: expected a number in (0, 1], got {self.time_max!r}")
+        if not 0.0 <= self.sigma_min < 1.0:
+            raise ConfigError(f"plan.sigma_min: expected a number in [0, 1), got {self.sigma_min!r}")
+        if not 0.0 <= self.rare_below <= 1.0:
+            raise ConfigError(f"plan.rare_below: expected a fraction in [0, 1], got {self.rare_below!r}")
+        if self.lm_loss_coef > 0 and not self.train_vlm:
+            raise ConfigError("plan.lm_loss_coef: the answer-token loss trains the VLM; set plan.train_vlm=true or 0")
+        if self.cache_features and self.train_vlm:
+            raise ConfigError("plan.cache_features: cached hidden states need a frozen VLM; got plan.train_vlm=true")
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "toy_mose"
@@ -398,6 +498,7 @@ class ExperimentConfig:
     router_pretrain: RouterPretrainConfig = field(default_factory=RouterPretrainConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def _read_yaml_with_bases(path: Path, seen: tuple = ()) -> Any:

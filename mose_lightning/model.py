@@ -13,7 +13,7 @@ and the routing itself: the skill route of every sequence-routed layer and the e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ class MoEOutput:
     routes: List[RouteDecision] = field(default_factory=list)  # one per sequence-routed layer, in layer order
     # Rows each expert received, per MoE layer in layer order (None for dense layers).
     expert_counts: List[Optional[torch.Tensor]] = field(default_factory=list)
+    # With forward(output_hidden_states=True): the embeddings and every decoder layer's output (the last after the
+    # final norm), as transformers returns them; heads that read the language model (the planner) take them here.
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
 
     @property
     def training_loss(self) -> torch.Tensor:
@@ -107,17 +110,19 @@ class MoEVisionLanguageModel(nn.Module):
         return inputs
 
     def forward(self, batch: Mapping, with_loss: bool = True, route_source: str = "router",
-                shuffle: Optional[torch.Tensor] = None, recentre_routers: bool = False) -> MoEOutput:
+                shuffle: Optional[torch.Tensor] = None, recentre_routers: bool = False,
+                output_hidden_states: bool = False) -> MoEOutput:
         """Teacher-forced forward on prompt + answer. `route_source`: what picks the skill experts (router | labels |
         shuffled; training with moe.teacher_forcing passes "labels"). `recentre_routers`: a fine-tuning step, where
-        the routers' input shift follows the batch (moe.router_recentre_momentum)."""
+        the routers' input shift follows the batch (moe.router_recentre_momentum). `output_hidden_states`: also
+        return the language model's hidden states."""
         moe = self.cfg.moe
         inputs = self.adapter.model_inputs(batch)
         labels = batch.get("labels") if with_loss else None
         record = self._begin(batch, batch.get("prompt_mask"), route_source, shuffle=shuffle)
         inputs = self._reference_pass(inputs)
         self.layout.context.recentre_momentum = moe.router_recentre_momentum if recentre_routers else 0.0
-        out = self.backbone(**inputs, labels=labels, use_cache=False)
+        out = self.backbone(**inputs, labels=labels, use_cache=False, output_hidden_states=output_hidden_states)
         routes, counts = self._routing(record)
         aux_losses: Dict[str, torch.Tensor] = {}
         if record.aux:
@@ -130,7 +135,8 @@ class MoEVisionLanguageModel(nn.Module):
             aux_losses["router_skill"] = skill_routing_loss(routes, batch["skill_labels"], self.level_names)
             weighted.append(moe.router_skill_loss * aux_losses["router_skill"])
         aux_loss = torch.stack(weighted).sum() if weighted else None
-        return MoEOutput(getattr(out, "loss", None), out.logits, aux_loss, aux_losses, routes, counts)
+        return MoEOutput(getattr(out, "loss", None), out.logits, aux_loss, aux_losses, routes, counts,
+                         out.hidden_states if output_hidden_states else None)
 
     @torch.no_grad()
     def generate(self, batch: Mapping, max_new_tokens: int, reroute_every_step: bool = False,

@@ -37,9 +37,10 @@ def ensure_synthetic_data(cfg: ExperimentConfig) -> None:
     root = resolve_path(s.out_dir)
     raw, rule = root / "raw", root / "rule"
     if not all(is_complete(raw / split) for split in SPLITS):
-        print(f"[toy] generating the synthetic driving set ({s.family} questions) in {raw}")
+        print(f"[toy] generating the synthetic driving set ({s.family} questions) in {raw}"
+              + (" (with trajectories)" if s.trajectories else ""))
         generate_synthetic(raw, s.num_train, s.num_val, s.num_test, s.seed, s.image_width, s.image_height,
-                           family=s.family)
+                           family=s.family, trajectories=s.trajectories)
     if s.family != "driving":
         cfg.data.train_shards = str(raw / "train")
         cfg.data.val_shards = cfg.data.val_shards or str(raw / "val")
@@ -70,6 +71,7 @@ def ensure_toy_backbone(cfg: ExperimentConfig) -> None:
 
     instruct = load_config(resolve_path(cfg.backbone.init_config) if cfg.backbone.init_config else TOY_INSTRUCT_CONFIG)
     family = instruct.data.synthetic.family
+    plain_data = instruct.data
     instruct.data = copy.deepcopy(cfg.data)
     # The preparation is the backbone's, not the experiment's: it sees the images and all its training data, also
     # when the experiment is a gray-image control or trains on a fraction of the data.
@@ -79,7 +81,13 @@ def ensure_toy_backbone(cfg: ExperimentConfig) -> None:
         # Another question family of the same scenes (same sizes and seed): its own shards beside the experiment's.
         instruct.data.synthetic.family = family
         instruct.data.synthetic.out_dir = f"{cfg.data.synthetic.out_dir}_{family}"
+        instruct.data.synthetic.trajectories = False
         instruct.data.train_shards = instruct.data.val_shards = instruct.data.test_shards = ""
+        ensure_synthetic_data(instruct)
+    elif cfg.data.synthetic.trajectories:
+        # One toy backbone serves every toy config: it is always tuned on the set without trajectories, whose
+        # detour texts follow the image alone (with trajectories they follow the navigation command).
+        instruct.data = plain_data
         ensure_synthetic_data(instruct)
     instruct.backbone.toy = copy.deepcopy(cfg.backbone.toy)
     instruct.backbone.toy_dir = cfg.backbone.toy_dir
@@ -135,3 +143,7 @@ def prepare(cfg: ExperimentConfig, stage: str) -> None:
         ensure_trained_model(cfg, "mose")
     elif stage == "eval":
         ensure_trained_model(cfg)
+    elif stage == "plan" and not cfg.init_from:
+        # The planner reads the toy MoSE model itself: upcycled experts compute the instruction-tuned function,
+        # and the pretrained routers give the skill chain that plan.routing=mose_chain follows.
+        ensure_router_checkpoint(cfg)

@@ -20,6 +20,21 @@ Shards are WebDataset tar files. One record is one question-answer pair and hold
     - `category`: super-class of the object a regional question is about (vehicle | vru | traffic_sign |
       traffic_light | traffic_cone | barrier | miscellaneous), else null
     - `source`: dict tracing the sample back to its origin (file, entry id, split, frame token, generator seed...)
+    - `planning` (optional; absent or null when the sample has no trajectory): what a planner trains and is
+      scored on, all positions in metres in the ego frame of the current frame (x forward, y left, origin at the
+      ego position the waypoints are measured from):
+        `trajectory`  [[x, y], ...] future waypoints at t = k / rate_hz, k = 1, 2, ... (the current position,
+                      always (0, 0), is not listed)
+        `rate_hz`     waypoints per second (nuScenes key frames: 2)
+        `history`     [[x, y], ...] past positions at t = -n / rate_hz .. -1 / rate_hz, oldest first ([] if none)
+        `speed`       current ego speed in m/s, or null
+        `command`     navigation command "left" | "right" | "straight", or null
+        `scenario`    scenario class (DriveMoE's: merging | parking_exit | overtaking | emergency_brake | give_way |
+                      traffic_light_sign | normal), or null
+        `obstacles`   [{"kind": "object" | "stop_zone", "center": [x, y], "size": [length, width],
+                      "velocity": [vx, vy]}, ...]: axis-aligned boxes at t = 0 moving at constant velocity, the
+                      planner's collision (object) and stop-violation (stop_zone) proxy; absent when unknown
+                      (no proxy is computed), [] for a scene known to have none
   Unknown extra keys are kept (`Sample.extra`) so later tools (e.g. the skill annotator) can add fields.
 
 Images are stored as JPEG bytes exactly as the converter produced them; a loader decodes them with
@@ -46,6 +61,12 @@ TASKS: Dict[str, tuple] = {
 }
 CATEGORIES = ("vehicle", "vru", "traffic_sign", "traffic_light", "traffic_cone", "barrier", "miscellaneous")
 JSON_FIELDS = ("dataset", "task", "question", "answer", "views", "region", "skills", "category", "source")
+# Optional JSON fields: written only when set, so samples without them keep their exact bytes.
+OPTIONAL_JSON_FIELDS = ("planning",)
+COMMANDS = ("left", "right", "straight")
+SCENARIOS = ("merging", "parking_exit", "overtaking", "emergency_brake", "give_way", "traffic_light_sign", "normal")
+OBSTACLE_KINDS = ("object", "stop_zone")
+PLANNING_FIELDS = ("trajectory", "rate_hz", "history", "speed", "command", "scenario", "obstacles")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _IMAGE_MEMBER_RE = re.compile(r"^(\d+)\.jpg$")
@@ -86,6 +107,7 @@ class Sample:
     category: Optional[str] = None
     source: Dict[str, Any] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
+    planning: Optional[Dict[str, Any]] = None
 
     def to_json(self) -> Dict[str, Any]:
         data = dict(self.extra)
@@ -100,6 +122,8 @@ class Sample:
             category=self.category,
             source=self.source,
         )
+        if self.planning is not None:
+            data["planning"] = self.planning
         return data
 
     def to_record(self) -> Dict[str, Any]:
@@ -153,7 +177,7 @@ class Sample:
             if not isinstance(value, (bytes, bytearray, memoryview)):
                 raise SampleError(f"{label}: member {i}.jpg must be bytes, got {type(value).__name__}")
             images.append(bytes(value))
-        extra = {k: v for k, v in raw.items() if k not in JSON_FIELDS}
+        extra = {k: v for k, v in raw.items() if k not in JSON_FIELDS and k not in OPTIONAL_JSON_FIELDS}
         sample = cls(
             key=key,
             dataset=raw["dataset"],
@@ -167,6 +191,7 @@ class Sample:
             category=raw["category"],
             source=raw["source"],
             extra=extra,
+            planning=raw.get("planning"),
         )
         validate(sample, where)
         return sample
@@ -231,6 +256,60 @@ def validate(sample: Sample, where: str = "sample", skill_levels: Optional[Mappi
         raise _fail(key, where, "category", f"null or one of {list(CATEGORIES)}", sample.category)
     if not isinstance(sample.source, Mapping):
         raise _fail(key, where, "source", "a JSON object", sample.source)
+    if sample.planning is not None:
+        validate_planning(sample.planning, key, where)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _points(value: Any) -> bool:
+    """A list of [x, y] pairs of finite numbers."""
+    return isinstance(value, list) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_number(v) for v in p) for p in value)
+
+
+def validate_planning(planning: Any, key: Any = "?", where: str = "sample") -> None:
+    """Raise SampleError naming the sample and the `planning.*` field that breaks the format (see module doc)."""
+    if not isinstance(planning, Mapping):
+        raise _fail(key, where, "planning", "null or a JSON object", planning)
+    unknown = sorted(set(planning) - set(PLANNING_FIELDS))
+    if unknown:
+        raise _fail(key, where, "planning", f"only the keys {list(PLANNING_FIELDS)}", unknown)
+    trajectory = planning.get("trajectory")
+    if not _points(trajectory) or not trajectory:
+        raise _fail(key, where, "planning.trajectory", "a non-empty list of [x, y] waypoints with finite numbers (metres)",
+                    trajectory)
+    rate = planning.get("rate_hz")
+    if not _is_number(rate) or rate <= 0:
+        raise _fail(key, where, "planning.rate_hz", "a positive number of waypoints per second", rate)
+    history = planning.get("history", [])
+    if not _points(history):
+        raise _fail(key, where, "planning.history", "a list of [x, y] past positions with finite numbers (metres)",
+                    history)
+    speed = planning.get("speed")
+    if speed is not None and (not _is_number(speed) or speed < 0):
+        raise _fail(key, where, "planning.speed", "null or a finite speed >= 0 in m/s", speed)
+    command = planning.get("command")
+    if command is not None and command not in COMMANDS:
+        raise _fail(key, where, "planning.command", f"null or one of {list(COMMANDS)}", command)
+    scenario = planning.get("scenario")
+    if scenario is not None and scenario not in SCENARIOS:
+        raise _fail(key, where, "planning.scenario", f"null or one of {list(SCENARIOS)}", scenario)
+    obstacles = planning.get("obstacles")
+    obstacles = [] if obstacles is None else obstacles
+    if not isinstance(obstacles, list):
+        raise _fail(key, where, "planning.obstacles", "a list of boxes", obstacles)
+    for i, box in enumerate(obstacles):
+        name = f"planning.obstacles[{i}]"
+        if not isinstance(box, Mapping) or box.get("kind") not in OBSTACLE_KINDS:
+            raise _fail(key, where, name, f"an object with `kind` in {list(OBSTACLE_KINDS)}", box)
+        size = box.get("size")
+        if not (_points([box.get("center")]) and _points([size]) and size[0] > 0 and size[1] > 0
+                and _points([box.get("velocity", [0.0, 0.0])])):
+            raise _fail(key, where, name, "`center` [x, y], `size` [length, width] > 0 and optional `velocity` "
+                        "[vx, vy], finite numbers", box)
 
 
 def decode_images(item: Union[Sample, Mapping[str, Any]]) -> List[Image.Image]:
