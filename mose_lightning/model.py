@@ -120,7 +120,7 @@ class MoEVisionLanguageModel(nn.Module):
 
 def build_model(cfg: ExperimentConfig, meta: bool = False, load_routers: bool = True) -> MoEVisionLanguageModel:
     """Backbone + surgery + freezing (+ pretrained routers) for `cfg`. `meta=True`: shapes only, no weights."""
-    adapter = get_adapter(cfg.backbone.name)
+    adapter = get_adapter(cfg.backbone)
     taxonomy = load_taxonomy(cfg.skills.taxonomy)
     if meta:
         backbone, processor = adapter.build_meta(cfg.backbone), None
