@@ -26,6 +26,8 @@ def _without_video(base: type, name: str) -> type:
     hand them to ProcessorMixin, which pairs them with get_attributes() (read from this __init__'s signature:
     image_processor, tokenizer), so the None video drops out."""
 
+    # Every other parameter of the base's __init__ must be spelled out here too: from_pretrained passes on only the
+    # saved settings this function's code names, and save_pretrained writes only those its signature names.
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
@@ -35,19 +37,26 @@ def _without_video(base: type, name: str) -> type:
 Qwen2VLImageTextProcessor = _without_video(Qwen2VLProcessor, "Qwen2VLImageTextProcessor")
 Qwen2_5_VLImageTextProcessor = _without_video(Qwen2_5_VLProcessor, "Qwen2_5_VLImageTextProcessor")
 Qwen3VLImageTextProcessor = _without_video(Qwen3VLProcessor, "Qwen3VLImageTextProcessor")
-InternVLImageTextProcessor = _without_video(InternVLProcessor, "InternVLImageTextProcessor")
+
+
+class InternVLImageTextProcessor(InternVLProcessor):
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None,
+                 **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
+                         chat_template=chat_template, **kwargs)
 
 
 class SmolVLMImageTextProcessor(SmolVLMProcessor):
     # SmolVLM's own apply_chat_template only adds video sampling defaults (read from the video processor).
     apply_chat_template = ProcessorMixin.apply_chat_template
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None, **kwargs):
         # SmolVLMProcessor refuses to start without num2words, which only spells the frame count of videos.
         spell = processing_smolvlm.num2words
         processing_smolvlm.num2words = spell or str
         try:
-            SmolVLMProcessor.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+            SmolVLMProcessor.__init__(self, image_processor, tokenizer, None, image_seq_len=image_seq_len,
+                                      chat_template=chat_template, **kwargs)
         finally:
             processing_smolvlm.num2words = spell
 
