@@ -81,6 +81,17 @@ def test_upcycled_toy_computes_the_dense_model(family):
     assert torch.equal(model.generate(family["gen_batch"], NEW_TOKENS), family["tokens"])
 
 
+@pytest.mark.parametrize("family", ["paligemma"], indirect=True)
+@pytest.mark.parametrize("kind", ["topk", "expert_group"])
+def test_every_block_kind_upcycles_geglu_exactly(family, kind):
+    """Gemma's tanh-GELU experts take the per-expert loop (not the fused silu kernel) in every block kind."""
+    model = build_model(family["config"](f"moe.kind={kind}"))
+    assert all(b.experts.activation == "gelu_pytorch_tanh" for b in model.moe_blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(family["batch"]).logits, family["logits"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.generate(family["gen_batch"], NEW_TOKENS), family["tokens"])
+
+
 @pytest.fixture(scope="module")
 def perturbed(family):
     model = _perturb(build_model(family["config"]("moe.kind=mose")))
@@ -123,3 +134,20 @@ def test_one_sft_step_through_the_cli(family, tmp_path):
     assert trained.cfg.backbone.toy.of == family["of"]
     before = build_model(family["config"]("moe.kind=mose")).moe_blocks[0].experts.down_proj
     assert not torch.equal(trained.moe_blocks[0].experts.down_proj, before)
+
+
+@pytest.mark.parametrize("family", ["paligemma"], indirect=True)
+def test_paligemma_prefix_is_bidirectional_and_the_answer_causal(family):
+    """PaliGemma's token_type_ids come from the prompt mask: changing the last answer tokens changes no logit
+    before them (with the processor's all-zero token types the whole sequence would be one bidirectional prefix
+    and the answer would see its own future)."""
+    model, batch = family["dense"], family["batch"]
+    changed = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch.items()}
+    row = 0
+    answer = (batch["labels"][row] != -100).nonzero().flatten()
+    cut = int(answer[-2])  # the answer's last two tokens (its end and <eos>) get other ids
+    changed["input_ids"][row, cut:int(answer[-1]) + 1] = 5
+    with torch.no_grad():
+        a, b = model(batch).logits[row], model(changed).logits[row]
+    assert torch.equal(a[:cut], b[:cut])
+    assert not torch.equal(a[cut:], b[cut:])
