@@ -126,9 +126,10 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
     def toy_vision_config(self, toy) -> Dict[str, Any]:
         # A SwiGLU vision MLP and window attention (one window of 2x2 merged cells), the last block attending fully.
-        return dict(depth=toy.vision_depth, hidden_size=toy.vision_embed_dim, intermediate_size=4 * toy.vision_embed_dim,
-                    num_heads=toy.vision_heads, out_hidden_size=toy.hidden_size, patch_size=14, spatial_merge_size=2,
-                    temporal_patch_size=2, window_size=56, fullatt_block_indexes=[toy.vision_depth - 1])
+        return dict(depth=toy.vision_depth, hidden_size=toy.vision_embed_dim,
+                    intermediate_size=4 * toy.vision_embed_dim, num_heads=toy.vision_heads,
+                    out_hidden_size=toy.hidden_size, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                    window_size=56, fullatt_block_indexes=[toy.vision_depth - 1])
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
@@ -157,6 +158,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     def toy_vision_config(self, toy) -> Dict[str, Any]:
         # Deepstack: the first vision block's features also enter the first decoder layer, as in Qwen3-VL.
-        return dict(depth=toy.vision_depth, hidden_size=toy.vision_embed_dim, intermediate_size=4 * toy.vision_embed_dim,
-                    num_heads=toy.vision_heads, out_hidden_size=toy.hidden_size, patch_size=16, spatial_merge_size=2,
-                    temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+        return dict(depth=toy.vision_depth, hidden_size=toy.vision_embed_dim,
+                    intermediate_size=4 * toy.vision_embed_dim, num_heads=toy.vision_heads,
+                    out_hidden_size=toy.hidden_size, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                    num_position_embeddings=64, deepstack_visual_indexes=[0])

@@ -12,7 +12,8 @@ A question holding `<region>` gets the sample's region written in, in the coordi
 (mose_lightning/backbones/boxes.py).
 
 Collation pads the per-token tensors (right for training, left for generation) and concatenates the vision
-tensors, which every supported processor keys per image (Qwen2-VL: flattened patches + grid; LLaVA: images).
+tensors, which every supported processor keys per image (Qwen: flattened patches + grid; LLaVA, PaliGemma:
+images; InternVL: tiles; SmolVLM: images x tiles, the same tile count for all, as every image has the same size).
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ class SampleEncoder:
         if REGION_PLACEHOLDER not in sample.question:
             return sample.question
         if sample.region is None:
-            raise ValueError(f"sample {sample.key!r}: the question holds {REGION_PLACEHOLDER} but the sample has no region")
+            raise ValueError(
+                f"sample {sample.key!r}: the question holds {REGION_PLACEHOLDER} but the sample has no region"
+            )
         # `region` is in pixels of the original image, which a converter may have stored resized.
         size = tuple(sample.source.get("image_size") or original_size)
         text = self.adapter.region_text(self.processor, sample.region, size, encoded_size)
