@@ -1,9 +1,10 @@
 """The toy of every backbone family beside Qwen2-VL (whose toy tests/test_model.py and test_stages.py cover in
 depth): the same guarantees on each real transformers class.
 
-Per family: upcycling equivalence (logits and generated tokens equal the dense model's), generation with routing
-reuse equal to re-routing every step, a save/load round trip, one `mose sft` step through the CLI, and label
-masking from the processor's own image-token expansion. Batches come from the shared synthetic shards through
+Per family: upcycling equivalence (logits and generated tokens equal the dense model's), skill routing from the
+frozen backbone's and from the model's own hidden states, generation with routing reuse equal to re-routing every
+step, images encoded once for the reference pass and the forward, a save/load round trip, one `mose sft` step
+through the CLI, and label masking from the processor's own image-token expansion. Batches come from the shared synthetic shards through
 the DataModule; two or four samples, a few new tokens.
 """
 
@@ -22,7 +23,7 @@ from mose_lightning.data.datamodule import DriveDataModule
 from mose_lightning.model import build_model
 from mose_lightning.moe import MoSEBlock
 
-from test_model import _perturb
+from test_model import _chain, _perturb, _spread_routers
 
 TOY_YAML = Path(__file__).resolve().parent.parent / "configs" / "experiment" / "toy_mose.yaml"
 FAMILIES = ["qwen2_5_vl", "qwen3_vl", "paligemma", "internvl", "smolvlm"]
@@ -46,7 +47,7 @@ def family(request, make_config, tmp_path_factory):
     gen_batch = next(iter(dm.generation_dataloader("test")))
     with torch.no_grad():
         logits = dense(batch).logits
-    tokens = dense.generate(gen_batch, NEW_TOKENS)
+    tokens = dense.generate(gen_batch, NEW_TOKENS).tokens
     return {"of": of, "config": config, "overrides": overrides, "dense": dense, "batch": batch,
             "gen_batch": gen_batch, "logits": logits, "tokens": tokens}
 
@@ -78,7 +79,7 @@ def test_upcycled_toy_computes_the_dense_model(family):
     with torch.no_grad():
         logits = model(family["batch"]).logits
     torch.testing.assert_close(logits, family["logits"], atol=1e-5, rtol=1e-5)
-    assert torch.equal(model.generate(family["gen_batch"], NEW_TOKENS), family["tokens"])
+    assert torch.equal(model.generate(family["gen_batch"], NEW_TOKENS).tokens, family["tokens"])
 
 
 @pytest.mark.parametrize("family", ["paligemma"], indirect=True)
@@ -89,12 +90,80 @@ def test_every_block_kind_upcycles_geglu_exactly(family, kind):
     assert all(b.experts.activation == "gelu_pytorch_tanh" for b in model.moe_blocks)
     with torch.no_grad():
         torch.testing.assert_close(model(family["batch"]).logits, family["logits"], atol=1e-5, rtol=1e-5)
-    assert torch.equal(model.generate(family["gen_batch"], NEW_TOKENS), family["tokens"])
+    assert torch.equal(model.generate(family["gen_batch"], NEW_TOKENS).tokens, family["tokens"])
+
+
+def test_encoded_images_give_the_forward_the_same_features(family):
+    """The reference pass and the forward share one run of the vision tower (adapter.encode_images): the inner
+    model's hidden states equal those of a forward that encodes `pixel_values` itself."""
+    dense = family["dense"]
+    inputs = dense.adapter.model_inputs(family["batch"])
+    encoded = dense.adapter.encode_images(dense.backbone, dict(inputs))
+    assert "pixel_values" not in encoded and "mm_encoder_outputs" in encoded
+    inner = dense.adapter.inner_model(dense.backbone)
+    assert inner is not dense.backbone and dense.adapter.decoder_layers(dense.backbone)[0] in inner.modules()
+    with torch.no_grad():
+        own = inner(**inputs, use_cache=False).last_hidden_state
+        shared = inner(**encoded, use_cache=False).last_hidden_state
+    torch.testing.assert_close(shared, own, atol=1e-6, rtol=1e-6)
+
+
+def _layer_inputs(model, batch):
+    """The hidden states entering each decoder layer in a plain forward of `model` (forward pre-hooks)."""
+    seen = {}
+
+    def record(index):
+        def hook(module, args, kwargs):
+            seen.setdefault(index, (args[0] if args else kwargs["hidden_states"]).detach())
+        return hook
+
+    layers = model.adapter.decoder_layers(model.backbone)
+    hooks = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            model(batch, with_loss=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def _expected_choice(model, hidden, prompt_mask):
+    """Independent expectation: argmax of each router on the RMS-normalised, standardised mean of the prompt
+    tokens entering its layer."""
+    expected = []
+    mask = prompt_mask.float().unsqueeze(-1)
+    for block in model.layout.sequence_routed:
+        pooled = (hidden[block.layer_index].float() * mask).sum(1) / mask.sum(1)
+        normed = pooled / pooled.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        normed = (normed - block.router.input_shift) * block.router.input_scale
+        logits = normed @ block.router.classifier.weight.float().T + block.router.classifier.bias.float()
+        expected.append(logits.argmax(-1).tolist())
+    return expected
+
+
+@pytest.mark.parametrize("router_input", ["frozen_backbone", "own_layer"])
+def test_routers_read_the_frozen_backbone_or_their_own_layer(family, router_input):
+    """frozen_backbone (the default): the routers read the dense model's hidden states, so perturbed experts do not
+    move them; own_layer: the hidden states of the model as it is."""
+    batch = family["batch"]
+    model = _spread_routers(_perturb(build_model(family["config"]("moe.kind=mose", f"moe.router_input={router_input}")),
+                                     seed=2), batch)
+    with torch.no_grad():
+        chain = _chain(model(batch, with_loss=False).routes)
+    source = family["dense"] if router_input == "frozen_backbone" else model
+    expected = _expected_choice(model, _layer_inputs(source, batch), batch["prompt_mask"])
+    assert [expert for _, _, expert in chain] == expected
+    assert [level for _, level, _ in chain] == ["perception", "prediction", "planning", "planning"]
+    if router_input == "own_layer":
+        # The perturbed experts move the later layers' inputs: the two sources are told apart.
+        dense_inputs, own_inputs = _layer_inputs(family["dense"], batch), _layer_inputs(model, batch)
+        assert not torch.allclose(dense_inputs[3], own_inputs[3])
 
 
 @pytest.fixture(scope="module")
 def perturbed(family):
-    model = _perturb(build_model(family["config"]("moe.kind=mose")))
+    model = _spread_routers(_perturb(build_model(family["config"]("moe.kind=mose"))), family["gen_batch"])
     with torch.no_grad():
         logits = model(family["batch"]).logits
     return model, logits
@@ -105,10 +174,10 @@ def test_cached_generation_matches_rerouting_every_step(family, perturbed):
     # The perturbed experts change the model's function, so equal tokens below are not explained by equal experts.
     assert (logits - family["logits"]).abs().max() > 1e-3
     cached = model.generate(family["gen_batch"], NEW_TOKENS)
-    chain = [(r.layer, r.expert) for r in model.skill_chain()]
     rerouted = model.generate(family["gen_batch"], NEW_TOKENS, reroute_every_step=True)
-    assert torch.equal(cached, rerouted)
-    assert chain == [(r.layer, r.expert) for r in model.skill_chain()] and len(chain) == 4
+    assert len(cached.routes) == 4
+    assert torch.equal(cached.tokens, rerouted.tokens)
+    assert _chain(cached.routes) == _chain(rerouted.routes)
 
 
 def test_save_load_round_trip_is_bit_identical(family, perturbed, tmp_path):
