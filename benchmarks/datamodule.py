@@ -125,7 +125,7 @@ def run(args) -> dict:
     from mose_lightning.data.datamodule import DriveDataModule
     from mose_lightning.skills import load_taxonomy
 
-    adapter = get_adapter(cfg.backbone.name)
+    adapter = get_adapter(cfg.backbone)
     if cfg.backbone.name == "toy":
         from mose_lightning.backbones.toy import ensure_toy_dir
         from mose_lightning.backbones.qwen2_vl import load_processor

@@ -61,10 +61,11 @@ DEFAULT_QUESTION_SUGGESTION = (
 DEFAULT_QUESTION_REGIONAL = (
     "Describe the object inside the red rectangle in the image and explain why it affects the ego car's driving."
 )
-# Used when the box is not drawn: the question has to carry the box. {box} -> "[x, y, w, h]" in original pixels.
+# Used when the box is not drawn: the question has to carry the box. <region> stays in the text for the encoder,
+# which writes the box in the coordinates the backbone reads (mose_lightning/backbones/boxes.py); {box} in a
+# custom template -> "[x, y, w, h]" in original pixels.
 DEFAULT_QUESTION_REGIONAL_NOBOX = (
-    "Describe the object in the image region {box} (x, y, width, height in pixels) and explain why it affects the "
-    "ego car's driving."
+    "Describe the object in the image region <region> and explain why it affects the ego car's driving."
 )
 
 # How far (pixels) a box may reach past the image border before it counts as bad: annotation tools round.
@@ -337,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=parse_size, default=None, metavar="WxH", help="store images at this size (default: original)")
     p.add_argument("--question-general", default=DEFAULT_QUESTION_GENERAL)
     p.add_argument("--question-regional", default=DEFAULT_QUESTION_REGIONAL)
-    p.add_argument("--question-regional-nobox", default=DEFAULT_QUESTION_REGIONAL_NOBOX, help="used with --box-encoding none; {box} is replaced")
+    p.add_argument("--question-regional-nobox", default=DEFAULT_QUESTION_REGIONAL_NOBOX, help="used with --box-encoding none; <region> is written in the backbone's box format when encoding, {box} is replaced by [x, y, w, h] in original pixels")
     p.add_argument("--question-suggestion", default=DEFAULT_QUESTION_SUGGESTION)
     add_common_args(p)
     return p

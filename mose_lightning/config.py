@@ -41,8 +41,10 @@ def _positive(section: str, key: str, value: float, allow_zero: bool = False) ->
 
 @dataclass
 class ToyBackboneConfig:
-    """Architecture of the tiny randomly initialised Qwen2-VL used on CPU (same class as the real model)."""
+    """Architecture of the tiny randomly initialised backbone used on CPU (the real model's class)."""
 
+    # The family the toy is a copy of: qwen2_vl | qwen2_5_vl | qwen3_vl | paligemma | internvl | smolvlm.
+    of: str = "qwen2_vl"
     hidden_size: int = 64
     intermediate_size: int = 128
     num_layers: int = 4
@@ -51,16 +53,21 @@ class ToyBackboneConfig:
     vision_depth: int = 2
     vision_embed_dim: int = 32
     vision_heads: int = 2
-    # Qwen2-VL's multimodal rope splits head_dim/2 into (temporal, height, width) sections.
+    # The Qwen families' multimodal rope splits head_dim/2 into (temporal, height, width) sections.
     mrope_section: List[int] = field(default_factory=lambda: [2, 3, 3])
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from mose_lightning.backbones import ADAPTERS
+
+        _choice("backbone.toy", "of", self.of, sorted(n for n, a in ADAPTERS.items() if a.toy_tokens is not None))
 
 
 @dataclass
 class BackboneConfig:
-    # qwen2_vl | llava | toy
+    # qwen2_vl | qwen2_5_vl | qwen3_vl | paligemma | internvl | smolvlm | llava | toy (a tiny copy of `toy.of`)
     name: str = "toy"
-    # Local directory with weights, config and processor (qwen2_vl, llava). Never a hub id: nothing is downloaded.
+    # Local directory with weights, config and processor (all but toy). Never a hub id: nothing is downloaded.
     path: Optional[str] = None
     # A transformers config JSON with the architecture only, used to build the model on the meta device
     # (`mose params`) when no weights are at hand. Relative paths resolve against the project root.
@@ -79,7 +86,10 @@ class BackboneConfig:
     init_config: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _choice("backbone", "name", self.name, ["qwen2_vl", "llava", "toy"])
+        # Imported here: the adapters import this module.
+        from mose_lightning.backbones import ADAPTERS, TOY
+
+        _choice("backbone", "name", self.name, sorted(ADAPTERS) + [TOY])
         _choice("backbone", "dtype", self.dtype, ["float32", "bfloat16", "float16"])
         _choice("backbone", "attn_implementation", self.attn_implementation, ["eager", "sdpa", "flash_attention_2"])
 

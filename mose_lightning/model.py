@@ -179,7 +179,7 @@ def build_model(cfg: ExperimentConfig, meta: bool = False, backbone_state: Optio
     architecture with randomly initialised weights on that device and no processor (benchmarks of a real size
     without its weights). `backbone_state`: backbone parameters (by name) to overlay before surgery (an
     instruction-tuned dense model); `router_state`: pretrained skill routers (`routers.pt`), loaded after surgery."""
-    adapter = get_adapter(cfg.backbone.name)
+    adapter = get_adapter(cfg.backbone)
     taxonomy = load_taxonomy(cfg.skills.taxonomy)
     if meta or random_weights_on is not None:
         backbone, processor = adapter.build_meta(cfg.backbone), None

@@ -297,6 +297,159 @@ def test_toy_meta_matches_built_toy(toy):
     assert len(get_adapter("toy").decoder_layers(meta)) == ToyBackboneConfig().num_layers
 
 
+def unique_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@pytest.mark.parametrize(
+    "yaml_name, published, n_layers, inter, act, wrap",
+    [
+        # Totals as the model cards / safetensors indexes state them (rounded to 10M).
+        ("qwen2_5_vl_3b", 3.75e9, 36, 11008, "silu", {"Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"}),
+        ("qwen3_vl_2b", 2.13e9, 28, 6144, "silu", {"Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"}),
+        ("paligemma_3b", 2.92e9, 18, 16384, "gelu_pytorch_tanh", {"GemmaDecoderLayer", "SiglipEncoderLayer"}),
+        ("internvl3_2b", 2.09e9, 28, 8960, "silu", {"Qwen2DecoderLayer", "InternVLVisionLayer"}),
+        ("smolvlm2_2b", 2.25e9, 24, 8192, "silu", {"LlamaDecoderLayer", "SmolVLMEncoderLayer"}),
+    ],
+)
+def test_meta_build_of_new_backbones(yaml_name, published, n_layers, inter, act, wrap):
+    cfg = load_config(PROJECT_ROOT / "configs" / "backbone" / f"{yaml_name}.yaml").backbone
+    adapter = get_adapter(cfg)
+    model = adapter.build_meta(cfg)
+    assert abs(unique_params(model) - published) < 0.01e9
+    layers, tc = adapter.decoder_layers(model), adapter.text_config(model)
+    assert len(layers) == tc.num_hidden_layers == n_layers
+    assert all(layer.mlp.up_proj.out_features == inter == tc.intermediate_size for layer in layers)
+    assert adapter.mlp_activation(model) == act
+    assert adapter.image_token_id(model) < tc.vocab_size
+    assert {c.__name__ for c in adapter.fsdp_wrap_classes(model)} == wrap
+    # The vision blocks are the tower's transformer layers, not the language model's.
+    tower = {id(m) for m in model.get_encoder(modality="image").modules()}
+    vision = adapter.vision_layers(model)
+    assert len(vision) > 1 and all(id(block) in tower for block in vision)
+
+
+@pytest.mark.parametrize("of", ["qwen2_5_vl", "qwen3_vl", "paligemma", "internvl", "smolvlm"])
+def test_toy_of_each_family_meta_matches_the_built_toy(of):
+    toy = ToyBackboneConfig(of=of)
+    model, processor = toy_mod.build_toy(toy)
+    cfg = BackboneConfig(name="toy", toy=toy)
+    meta = get_adapter(cfg).build_meta(cfg)
+    assert type(meta) is type(model) and unique_params(meta) == unique_params(model)
+    assert 100_000 < unique_params(model) < 1_000_000
+    # The toy tokenizer carries the real processor's placeholder: the model and processor agree on its id.
+    assert get_adapter(cfg).image_token_id(model) == get_adapter(cfg).image_token_id(processor)
+    assert model.config.get_text_config().vocab_size == len(processor.tokenizer)
+
+
+@pytest.mark.parametrize("of", ["qwen2_5_vl", "qwen3_vl", "paligemma", "internvl", "smolvlm"])
+def test_prompt_is_token_prefix_of_full_text_for_each_family(of):
+    _, processor = toy_mod.build_toy(ToyBackboneConfig(of=of))
+    adapter = get_adapter(BackboneConfig(name="toy", toy=ToyBackboneConfig(of=of)))
+    prompt, full = adapter.build_prompt(processor, QUESTION, 1, "Be careful.", ANSWERS[1])
+    p_ids = processor(text=[prompt], images=[image()], return_tensors="pt")["input_ids"][0].tolist()
+    f_ids = processor(text=[full], images=[image()], return_tensors="pt")["input_ids"][0].tolist()
+    assert f_ids[: len(p_ids)] == p_ids
+    tail = processor.tokenizer.decode(f_ids[len(p_ids):])
+    assert tail.lstrip() == ANSWERS[1].strip() + processor.tokenizer.eos_token
+
+
+def test_toy_adapters_pickle_to_the_shared_instance():
+    import pickle
+
+    adapter = get_adapter(BackboneConfig(name="toy", toy=ToyBackboneConfig(of="internvl")))
+    assert pickle.loads(pickle.dumps(adapter)) is adapter and adapter.name == "toy"
+
+
+def test_a_vlm_whose_ffn_is_not_gated_names_what_is_missing():
+    """A user's VLM whose language model has GPT-style FFNs (fc1 / fc2): experts cannot be upcycled from them, and
+    the error says where it looked and what it found."""
+    from torch import nn
+
+    class FFN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.mlp = nn.Linear(8, 8), FFN()
+
+    class TextModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+    class VLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.language_model = TextModel()
+
+        def get_decoder(self):
+            return self.language_model
+
+    with pytest.raises(BackboneError, match=r"VLM: cannot find the language model's decoder layers: looked in "
+                                            r"language_model \(TextModel.*gate_proj / up_proj / down_proj.*found "
+                                            r"blocks \(2 x Block, \.mlp FFN with \['fc1', 'act', 'fc2'\]\)"):
+        get_adapter("qwen2_vl").decoder_layers(VLM())
+    with pytest.raises(BackboneError, match="cannot find the vision tower"):
+        get_adapter("qwen2_vl").vision_layers(VLM())
+
+
+def test_an_ffn_computing_another_activation_than_its_config_is_refused():
+    cfg = BackboneConfig(name="toy", toy=ToyBackboneConfig(of="paligemma"))
+    adapter = get_adapter(cfg)
+    model = adapter.build_meta(cfg)
+    adapter.decoder_layers(model)[2].mlp.act_fn = torch.nn.SiLU()
+    with pytest.raises(BackboneError, match=r"decoder layer 2's FFN computes SiLU.*'gelu_pytorch_tanh'"):
+        adapter.mlp_activation(model)
+
+
+def test_box_formats():
+    from mose_lightning.backbones.boxes import convert_box, region_text
+
+    box, size = [80, 40, 160, 120], (800, 400)  # corners (80, 40) - (240, 160)
+    assert convert_box(box, size, "pixels") == [80, 40, 240, 160]
+    assert convert_box(box, size, "norm1000") == [100, 100, 300, 400]
+    assert convert_box(box, size, "input_pixels", input_size=(400, 300)) == [40, 30, 120, 120]
+    # y before x, relative coordinates in 1024 bins: 0.1, 0.1, 0.4, 0.3 of 1023.
+    assert region_text(box, size, "loc1024") == "<loc0102><loc0102><loc0409><loc0307>"
+    assert region_text(box, size, "norm1000") == "[100, 100, 300, 400]"
+    # A box a little past the border is clipped to the image.
+    assert convert_box([790, 390, 20, 20], size, "norm1000") == [988, 975, 1000, 1000]
+    with pytest.raises(ValueError, match="input_pixels needs"):
+        convert_box(box, size, "input_pixels")
+
+
+@pytest.mark.parametrize("of", ["qwen2_5_vl", "qwen3_vl"])
+def test_region_placeholder_is_written_in_the_backbones_coordinates(of, tmp_path):
+    """Qwen2.5-VL reads absolute pixels of the image as its processor resized it (checked against the patch grid
+    the processor reports), Qwen3-VL 0-1000 of the image."""
+    from mose_lightning.data.encode import EncodeSettings, SampleEncoder
+    from mose_lightning.data.sample import Sample, encode_jpeg
+    from mose_lightning.skills import load_taxonomy
+
+    cfg = BackboneConfig(name="toy", toy=ToyBackboneConfig(of=of), toy_dir=str(tmp_path / "toy"))
+    adapter = get_adapter(cfg)
+    _, processor = adapter.load(cfg)
+    # Stored at 224x126; the region is in pixels of the 448x252 original the converter resized.
+    sample = Sample(key="k", dataset="coda_lm", task="regional", question="What is in <region>?", answer="A cone.",
+                    views=["front"], images=[encode_jpeg(image())], region=[112, 56, 224, 112],
+                    source={"image_size": [448, 252]})
+    encoder = SampleEncoder(adapter, processor, load_taxonomy("configs/skills/driving.yaml"),
+                            EncodeSettings(224, 126, 512, "skip", None, with_answer=False))
+    item = encoder(sample)
+    text = processor.tokenizer.decode(item["input_ids"])
+    if of == "qwen2_5_vl":
+        _, grid_h, grid_w = item["image_grid_thw"][0].tolist()
+        w, h = grid_w * 14, grid_h * 14
+        expected = [round(0.25 * w), round(56 / 252 * h), round(0.75 * w), round(168 / 252 * h)]
+    else:
+        expected = [250, round(56 / 252 * 1000), 750, round(168 / 252 * 1000)]
+    assert "What is in [" + ", ".join(map(str, expected)) + "]?" in text
+
+
 # ---- errors and configs -----------------------------------------------------------------------------------------
 
 
@@ -327,7 +480,14 @@ def test_unknown_adapter():
 
 
 def test_backbone_yamls_are_valid():
-    for name in ("qwen2_vl_2b", "llava_stablelm_1_6b", "toy"):
-        cfg = load_config(PROJECT_ROOT / "configs" / "backbone" / f"{name}.yaml")
-        assert get_adapter(cfg.backbone.name).name == cfg.backbone.name
+    for path in sorted((PROJECT_ROOT / "configs" / "backbone").glob("*.yaml")):
+        cfg = load_config(path)
+        assert get_adapter(cfg.backbone).name == cfg.backbone.name
+
+
+def test_toy_of_an_unknown_family_names_the_key():
+    from mose_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"backbone\.toy\.of: expected one of \[.*'paligemma'.*\], got 'gpt5'"):
+        load_config(PROJECT_ROOT / "configs" / "experiment" / "toy_mose.yaml", ["backbone.toy.of=gpt5"])
 

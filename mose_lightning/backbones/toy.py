@@ -1,6 +1,10 @@
-"""The toy backbone: a tiny, randomly initialised Qwen2-VL (the real architecture class) for CPU runs and tests.
+"""The toy backbones: a tiny, randomly initialised copy of a real architecture class, for CPU runs and tests.
 
-Built from `backbone.toy` with a seeded generator, so every machine gets the same weights, and cached under
+`backbone.name=toy` with `backbone.toy.of` naming the family (qwen2_vl, the default, qwen2_5_vl, qwen3_vl,
+paligemma, internvl, smolvlm). The toy is the family's own transformers class at `backbone.toy`'s sizes, with a
+tokenizer trained offline that carries the real one's special tokens and chat template and the real processor
+class around it, so the toy runs the same adapter code (discovery, prompts, processor, model inputs) as the real
+checkpoint. Built with a seeded generator, so every machine gets the same weights, and cached under
 `backbone.toy_dir` in the ordinary `save_pretrained` layout, so it loads through exactly the same code path as a
 real checkpoint. The cache is written to a temporary sibling folder and renamed into place: a killed run never
 leaves half a toy behind, and two ranks building at once both end up reading one complete copy.
@@ -19,29 +23,24 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import nn
 
-from mose_lightning.backbones.base import BackboneError, instantiate_on_meta, torch_dtype
-from mose_lightning.backbones.qwen2_vl import Qwen2VLAdapter, image_text_processor_class, load_processor
-from mose_lightning.backbones.toy_tokenizer import (
-    DEFAULT_BPE_VOCAB,
-    ENDOFTEXT,
-    IM_END,
-    IMAGE_PAD,
-    VIDEO_PAD,
-    VISION_END,
-    VISION_START,
-    build_toy_tokenizer,
-    special_token_ids,
-)
+from mose_lightning.backbones.base import BackboneAdapter, BackboneError, instantiate_on_meta, torch_dtype
+from mose_lightning.backbones.toy_tokenizer import DEFAULT_BPE_VOCAB, build_toy_tokenizer
 from mose_lightning.config import BackboneConfig, ToyBackboneConfig, resolve_path
 
 # Bump when the toy's construction changes in a way a cached copy would not reflect.
 TOY_FORMAT_VERSION = 1
 FINGERPRINT_FILE = "mose_toy.json"
 
-# Image processor limits: Qwen2-VL resizes to multiples of 28 within [min, max] pixels. 40 merged 28x28 cells at
-# most: a 224x126 image (and an 800x450 one) becomes 112x224 = 128 patches = 32 image tokens.
-TOY_MIN_PIXELS = 56 * 56
-TOY_MAX_PIXELS = 28 * 28 * 40
+
+def family_of(toy: ToyBackboneConfig) -> BackboneAdapter:
+    """The adapter of the architecture `backbone.toy.of` names."""
+    from mose_lightning.backbones import ADAPTERS
+
+    family = ADAPTERS.get(toy.of)
+    if family is None or family.toy_tokens is None:
+        toys = sorted(n for n, a in ADAPTERS.items() if a.toy_tokens is not None)
+        raise BackboneError(f"backbone.toy.of: expected one of {toys}, got {toy.of!r}")
+    return family
 
 
 def validate_toy(toy: ToyBackboneConfig) -> None:
@@ -57,7 +56,7 @@ def validate_toy(toy: ToyBackboneConfig) -> None:
     if toy.num_heads % toy.num_kv_heads:
         raise bad("num_kv_heads", f"a divisor of num_heads ({toy.num_heads})", toy.num_kv_heads)
     half_head = toy.hidden_size // toy.num_heads // 2
-    if len(toy.mrope_section) != 3 or sum(toy.mrope_section) != half_head:
+    if family_of(toy).toy_mrope and (len(toy.mrope_section) != 3 or sum(toy.mrope_section) != half_head):
         raise bad("mrope_section", f"3 sections (temporal, height, width) summing to head_dim/2 = {half_head}",
                   list(toy.mrope_section))
     if toy.vision_embed_dim % toy.vision_heads or (toy.vision_embed_dim // toy.vision_heads) % 4:
@@ -66,77 +65,46 @@ def validate_toy(toy: ToyBackboneConfig) -> None:
                   "divisible by 4", toy.vision_heads)
 
 
-def toy_model_config(toy: ToyBackboneConfig, tokenizer) -> Any:
-    """A Qwen2VLConfig of the toy's sizes whose special token ids are the toy tokenizer's."""
-    from transformers import Qwen2VLConfig
+def toy_tokenizer(toy: ToyBackboneConfig):
+    return build_toy_tokenizer(DEFAULT_BPE_VOCAB, family_of(toy).toy_tokens)
 
+
+def toy_processor(tokenizer, toy: ToyBackboneConfig) -> Any:
+    return family_of(toy).toy_processor(tokenizer)
+
+
+def toy_model_config(toy: ToyBackboneConfig, processor) -> Any:
+    """The family's config at the toy's sizes whose special token ids are the toy tokenizer's."""
     validate_toy(toy)
-    ids = special_token_ids(tokenizer)
-    return Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=toy.hidden_size,
-            intermediate_size=toy.intermediate_size,
-            num_hidden_layers=toy.num_layers,
-            num_attention_heads=toy.num_heads,
-            num_key_value_heads=toy.num_kv_heads,
-            hidden_act="silu",
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(toy.mrope_section)},
-            bos_token_id=None,
-            eos_token_id=ids[IM_END],
-            pad_token_id=ids[ENDOFTEXT],
-        ),
-        vision_config=dict(
-            depth=toy.vision_depth,
-            embed_dim=toy.vision_embed_dim,
-            num_heads=toy.vision_heads,
-            mlp_ratio=4,
-            # The merger projects into the language model's width.
-            hidden_size=toy.hidden_size,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
-        image_token_id=ids[IMAGE_PAD],
-        video_token_id=ids[VIDEO_PAD],
-        vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END],
-        # As in Qwen2-VL-2B: the LM head shares the embedding (and halves the toy's parameter count).
-        tie_word_embeddings=True,
-    )
-
-
-def toy_processor(tokenizer) -> Any:
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    # The PIL backend: identical output, and it needs no torchvision.
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=TOY_MIN_PIXELS, max_pixels=TOY_MAX_PIXELS)
-    return image_text_processor_class()(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
-    )
+    # From the processor's tokenizer: PaliGemma's processor adds its location tokens to the vocabulary.
+    return family_of(toy).toy_config(toy, processor.tokenizer)
 
 
 def build_toy(toy: ToyBackboneConfig) -> Tuple[nn.Module, Any]:
     """(model, processor) in memory, float32; the same `toy` gives the same weights on every machine."""
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import GenerationConfig
 
-    tokenizer = build_toy_tokenizer(DEFAULT_BPE_VOCAB)
-    config = toy_model_config(toy, tokenizer)
+    family = family_of(toy)
+    processor = toy_processor(toy_tokenizer(toy), toy)
+    config = toy_model_config(toy, processor)
     # A private RNG stream: building the toy must not shift the caller's random state (or depend on it).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(toy.seed)
-        model = Qwen2VLForConditionalGeneration(config)
-    ids = special_token_ids(tokenizer)
+        model = family.model_class()(config)
+    tok = processor.tokenizer
     model.generation_config = GenerationConfig(
-        eos_token_id=[ids[IM_END], ids[ENDOFTEXT]], pad_token_id=ids[ENDOFTEXT], bos_token_id=None
+        eos_token_id=[tok.convert_tokens_to_ids(t) for t in family.toy_tokens.stop_tokens],
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
     )
-    return model.eval(), toy_processor(tokenizer)
+    return model.eval(), processor
 
 
 def _fingerprint(toy: ToyBackboneConfig) -> Dict[str, Any]:
-    return {"format": TOY_FORMAT_VERSION, "bpe_vocab": DEFAULT_BPE_VOCAB, "toy": dataclasses.asdict(toy)}
+    sizes = dataclasses.asdict(toy)
+    if sizes["of"] == ToyBackboneConfig.of:
+        # Qwen2-VL toys cached before toys of other families existed stay valid.
+        del sizes["of"]
+    return {"format": TOY_FORMAT_VERSION, "bpe_vocab": DEFAULT_BPE_VOCAB, "toy": sizes}
 
 
 def _check_cached(path: Path, toy: ToyBackboneConfig) -> None:
@@ -183,20 +151,48 @@ def ensure_toy_dir(cfg: BackboneConfig) -> Path:
     return path
 
 
-class ToyAdapter(Qwen2VLAdapter):
+class ToyBackbone:
+    """Mixed in before a family adapter: the toy of that family, built and cached instead of read from
+    `backbone.path`; everything else is the family's. `toy_adapter(family_name)` makes the instances."""
+
     name = "toy"
+    family: str = ""
 
     def load(self, cfg: BackboneConfig) -> Tuple[nn.Module, Any]:
+        self._check_family(cfg)
         path = ensure_toy_dir(cfg)
         # Always from disk, also right after building: the toy goes through the real checkpoint's code path.
         model = self.model_class().from_pretrained(
             str(path), dtype=torch_dtype(cfg), attn_implementation=cfg.attn_implementation, local_files_only=True
         )
-        processor = load_processor(path, "backbone.toy_dir")
+        processor = self.load_processor(path, "backbone.toy_dir")
         self.check_pair(model, processor, f"backbone.toy_dir ({path})")
         return model.eval(), processor
 
     def build_meta(self, cfg: BackboneConfig) -> nn.Module:
+        self._check_family(cfg)
         # The tokenizer fixes vocab size and special ids; training it takes milliseconds.
-        config = toy_model_config(cfg.toy, build_toy_tokenizer(DEFAULT_BPE_VOCAB))
+        config = toy_model_config(cfg.toy, toy_processor(toy_tokenizer(cfg.toy), cfg.toy))
         return instantiate_on_meta(self.model_class(), config, cfg)
+
+    def _check_family(self, cfg: BackboneConfig) -> None:
+        if cfg.toy.of != self.family:
+            raise BackboneError(f"backbone.toy.of is {cfg.toy.of!r} but this is the toy of {self.family!r}; "
+                                "get the adapter with get_adapter(cfg.backbone)")
+
+    def __reduce__(self):
+        # Toy adapter classes are made on use, not module attributes: pickle (DataLoader workers, spawned
+        # ranks) rebuilds them by family.
+        return toy_adapter, (self.family,)
+
+
+_TOY_ADAPTERS: Dict[str, BackboneAdapter] = {}
+
+
+def toy_adapter(family_name: str) -> BackboneAdapter:
+    """The shared toy adapter of a family."""
+    if family_name not in _TOY_ADAPTERS:
+        family = family_of(ToyBackboneConfig(of=family_name))
+        cls = type(f"Toy{type(family).__name__}", (ToyBackbone, type(family)), {"family": family_name})
+        _TOY_ADAPTERS[family_name] = cls()
+    return _TOY_ADAPTERS[family_name]

@@ -6,11 +6,14 @@ adapter, run the backbone's processor, and derive
   prompt_mask  True on the prompt tokens (image + question) the MoSE routers pool over;
   skill_labels the expert index of the sample's skill per level (-1: not annotated).
 The prompt length is found without running the processor twice: the prompt text is tokenised alone (one
-placeholder per image) and every placeholder is credited with the number of image tokens the processor expanded
-it to in the full sequence.
+placeholder per image) and credited with every token the processor's expansion of the image placeholders added
+to the full sequence (image tokens and whatever the backbone frames them with: tile markers, <img> ... </img>).
+A question holding `<region>` gets the sample's region written in, in the coordinates the backbone reads
+(mose_lightning/backbones/boxes.py).
 
 Collation pads the per-token tensors (right for training, left for generation) and concatenates the vision
-tensors, which every supported processor keys per image (Qwen2-VL: flattened patches + grid; LLaVA: images).
+tensors, which every supported processor keys per image (Qwen: flattened patches + grid; LLaVA, PaliGemma:
+images; InternVL: tiles; SmolVLM: images x tiles, the same tile count for all, as every image has the same size).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from PIL import Image
 import torch
 
+from mose_lightning.backbones.boxes import REGION_PLACEHOLDER
 from mose_lightning.data.sample import Sample, decode_images
 from mose_lightning.skills import SkillTaxonomy
 
@@ -53,7 +57,6 @@ class SampleEncoder:
         self.taxonomy = taxonomy
         self.settings = settings
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.image_token_id = adapter.image_token_id(processor)
 
     def _texts(self, question: str, num_images: int, answer: Optional[str]):
         s = self.settings
@@ -65,20 +68,33 @@ class SampleEncoder:
         text = full_text if (self.settings.with_answer and full_text is not None) else prompt_text
         out = self.processor(text=[text], images=images or None, return_tensors="pt")
         ids = out["input_ids"][0]
-        image_tokens = int((ids == self.image_token_id).sum())
-        # Same special-token handling as the processor call, so a BOS token is counted on both sides.
-        prompt_ids = self.tokenizer(prompt_text)["input_ids"]
-        prompt_len = len(prompt_ids) - len(images) + image_tokens
+        # Same special-token handling as the processor call, so a BOS token is counted on both sides. The images
+        # all sit in the prompt, so all the tokens their expansion added belong to it.
+        expanded = ids.shape[0] - len(self.tokenizer(text)["input_ids"])
+        prompt_len = len(self.tokenizer(prompt_text)["input_ids"]) + expanded
         return {"out": out, "prompt_len": prompt_len, "length": ids.shape[0]}
+
+    def _question(self, sample: Sample, original_size, encoded_size) -> str:
+        if REGION_PLACEHOLDER not in sample.question:
+            return sample.question
+        if sample.region is None:
+            raise ValueError(
+                f"sample {sample.key!r}: the question holds {REGION_PLACEHOLDER} but the sample has no region"
+            )
+        # `region` is in pixels of the original image, which a converter may have stored resized.
+        size = tuple(sample.source.get("image_size") or original_size)
+        text = self.adapter.region_text(self.processor, sample.region, size, encoded_size)
+        return sample.question.replace(REGION_PLACEHOLDER, text)
 
     def __call__(self, sample: Sample) -> Dict[str, Any]:
         s = self.settings
         if s.with_answer and not sample.answer:
             raise ValueError(f"sample {sample.key!r}: no answer to train on")
-        images = [img.resize((s.image_width, s.image_height)) for img in decode_images(sample)]
+        decoded = decode_images(sample)
+        images = [img.resize((s.image_width, s.image_height)) for img in decoded]
         if s.blank_images:
             images = [Image.new("RGB", img.size, (128, 128, 128)) for img in images]
-        question = sample.question
+        question = self._question(sample, decoded[0].size, (s.image_width, s.image_height))
         enc = self._encode(images, question, sample.answer)
         truncated = 0
         if enc["length"] > s.max_length and s.overlong == "truncate_prompt":
