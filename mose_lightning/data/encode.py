@@ -33,6 +33,10 @@ class Overlong(ValueError):
     """The sample does not fit `data.max_length` even after the configured truncation."""
 
 
+class BadSkill(ValueError):
+    """The sample's skill labels name a level or skill the taxonomy does not have."""
+
+
 @dataclass
 class EncodeSettings:
     image_width: int
@@ -71,10 +75,21 @@ class SampleEncoder:
         prompt_len = len(prompt_ids) - len(images) + image_tokens
         return {"out": out, "prompt_len": prompt_len, "length": ids.shape[0]}
 
+    def skill_labels(self, sample: Sample) -> List[int]:
+        skills = sample.skills
+        unknown = [level for level in (skills or {}) if level not in self.taxonomy.level_names]
+        try:
+            if unknown:
+                raise KeyError(f"unknown level(s) {unknown}; known: {self.taxonomy.level_names}")
+            return self.taxonomy.label_vector(skills)
+        except KeyError as err:
+            raise BadSkill(f"sample {sample.key!r}: skills {skills}: {err.args[0]}") from None
+
     def __call__(self, sample: Sample) -> Dict[str, Any]:
         s = self.settings
         if s.with_answer and not sample.answer:
             raise ValueError(f"sample {sample.key!r}: no answer to train on")
+        skill_labels = self.skill_labels(sample)
         images = [img.resize((s.image_width, s.image_height)) for img in decode_images(sample)]
         if s.blank_images:
             images = [Image.new("RGB", img.size, (128, 128, 128)) for img in images]
@@ -109,7 +124,7 @@ class SampleEncoder:
         for key, value in out.items():
             if key not in TOKEN_KEYS:
                 item[key] = value
-        item["skill_labels"] = torch.tensor(self.taxonomy.label_vector(sample.skills), dtype=torch.long)
+        item["skill_labels"] = torch.tensor(skill_labels, dtype=torch.long)
         item["meta"] = {
             "key": sample.key,
             "dataset": sample.dataset,
