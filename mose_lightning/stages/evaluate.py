@@ -114,19 +114,14 @@ def score_records(records: List[Dict[str, Any]], cfg: ExperimentConfig) -> Tuple
             ratings.update(chatgpt)
             scores["drivelm_judge"] = {k: v for k, v in report.to_dict().items() if k != "ratings"}
         scores["drivelm"] = drivelm_scores(drivelm, chatgpt)
+        scores["drivelm"]["notes"] += scores.get("drivelm_judge", {}).get("notes", [])
     coda_like = [r for r in records if r["dataset"] in ("coda_lm", "synthetic") and r.get("reference")]
     if coda_like and cfg.eval.judge.enabled:
         from mose_lightning.evaluation.judge import judge_coda
 
         report = judge_coda(coda_like, cfg.eval.judge)
         ratings.update({r.key: r.rating for r in report.ratings})
-        coda = {task: {"score": ts.score, "n_judged": ts.n_judged, "n_failed": ts.n_failed}
-                for task, ts in report.tasks.items()}
-        coda["regional_by_class"] = {c: {"score": ts.score, "n_judged": ts.n_judged, "n_failed": ts.n_failed}
-                                     for c, ts in report.regional_by_class.items()}
-        coda["overall"] = report.overall
-        coda["judge"] = {"model": report.model, "stats": report.stats}
-        scores["coda"] = coda
+        scores["coda"] = report.coda_scores()
     return scores, ratings
 
 
