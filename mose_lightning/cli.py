@@ -7,6 +7,9 @@
   mose predict --checkpoint DIR --image IMG [--image IMG2] --question "..." [--box x,y,w,h]
   mose report RUN_DIR [RUN_DIR ...]
   mose demo | reproduce-toy
+
+Bad input and configuration errors print one line, `error: ...`, and exit with code 2; `--debug` (anywhere on
+the command line, or MOSE_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ def _cmd_report(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a bad-input or config error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("params", help="parameter counts of an experiment config")
     p.add_argument("--config", required=True)
@@ -176,35 +180,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_known_warnings()
+def user_errors() -> tuple:
+    """Exceptions that report bad input or configuration (their messages name the file, key or sample), as
+    opposed to bugs."""
+    from data_recipes.common import BadInputError
+    from mose_lightning.backbones.base import BackboneError
+    from mose_lightning.data.sample import SampleError
+    from mose_lightning.data.shards import IncompleteData, ShardError
+    from mose_lightning.locks import FolderBusy
+
+    return (ConfigError, BadInputError, BackboneError, SampleError, ShardError, IncompleteData, FolderBusy,
+            FileNotFoundError)
+
+
+def _take_debug_flag(argv: List[str]) -> tuple:
+    debug = "--debug" in argv or os.environ.get("MOSE_DEBUG", "") not in ("", "0")
+    return [a for a in argv if a != "--debug"], debug
+
+
+@contextmanager
+def errors_as_one_line(debug: bool):
+    """Turn a user error into `error: <message>` on stderr and exit code 2 (the traceback with debug)."""
     try:
-        if argv and argv[0] == "data":
-            _cmd_data(None, argv[1:])
-            return
-        args = build_parser().parse_args(argv)
-        if args.command == "params":
-            _cmd_params(args)
-        elif args.command == "skills":
-            _cmd_skills(args)
-        elif args.command in STAGES:
-            run_stage_command(args.command, args.config, args.overrides)
-        elif args.command == "predict":
-            _cmd_predict(args)
-        elif args.command == "report":
-            _cmd_report(args)
-        elif args.command == "demo":
-            from mose_lightning.demo import run_demo
-
-            run_demo(args.config, _overrides(args.overrides))
-        elif args.command == "reproduce-toy":
-            from mose_lightning.demo import run_reproduce_toy
-
-            run_reproduce_toy(_overrides(args.overrides))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        yield
+    except user_errors() as err:
+        if debug:
+            raise
+        text = str(err)
+        if "Original Traceback" in text:  # raised in a DataLoader worker: torch prepends the worker's traceback
+            text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+        message = " ".join(text.split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv, debug = _take_debug_flag(list(sys.argv[1:] if argv is None else argv))
+    _quiet_known_warnings()
+    with errors_as_one_line(debug):
+        _dispatch(argv)
+
+
+def _dispatch(argv: List[str]) -> None:
+    if argv and argv[0] == "data":
+        _cmd_data(None, argv[1:])
+        return
+    args = build_parser().parse_args(argv)
+    if args.command == "params":
+        _cmd_params(args)
+    elif args.command == "skills":
+        _cmd_skills(args)
+    elif args.command in STAGES:
+        run_stage_command(args.command, args.config, args.overrides)
+    elif args.command == "predict":
+        _cmd_predict(args)
+    elif args.command == "report":
+        _cmd_report(args)
+    elif args.command == "demo":
+        from mose_lightning.demo import run_demo
+
+        run_demo(args.config, _overrides(args.overrides))
+    elif args.command == "reproduce-toy":
+        from mose_lightning.demo import run_reproduce_toy
+
+        run_reproduce_toy(_overrides(args.overrides))
 
 
 if __name__ == "__main__":
