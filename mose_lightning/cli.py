@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
-from mose_lightning.config import ConfigError, load_config
+from mose_lightning.config import ConfigError, load_config, run_dir_for
 
 # command -> (what the toy pipeline prepares for it, module, function); modules load lazily, so `mose params` and
 # `mose data` start without importing Lightning.
@@ -66,13 +66,18 @@ def _one_rank_at_a_time(cfg):
 
 
 def run_stage_command(stage: str, config: str, overrides: List[str]):
-    from mose_lightning import pipeline
+    from mose_lightning.locks import lock_run_dir
 
     _quiet_known_warnings()
     cfg = load_config(config, _overrides(overrides))
     if stage not in STAGE_RUNNERS:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
     prepared_as, module_name, function = STAGE_RUNNERS[stage]
+    # Before any preparation (and before importing torch): a config error or a run directory in use is reported at
+    # once, not after minutes of set-up.
+    lock_run_dir(run_dir_for(cfg, prepared_as), prepared_as)
+    from mose_lightning import pipeline
+
     with _one_rank_at_a_time(cfg):
         pipeline.prepare(cfg, prepared_as)
     run = getattr(importlib.import_module(module_name), function)

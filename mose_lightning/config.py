@@ -525,6 +525,11 @@ def save_config(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> Path:
     return out
 
 
+def run_dir_for(cfg: ExperimentConfig, stage: str) -> Path:
+    """Where a stage of this experiment writes: `run_dir`, or runs/<name>/<stage>."""
+    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name / stage
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """Paths in configs are relative to the current directory if they exist there, else to the project root."""
     p = Path(path)

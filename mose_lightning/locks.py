@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+from mose_lightning.io import remove_stale_temporaries
+
 LOCK_NAME = ".mose.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
@@ -195,6 +197,18 @@ class folder_lock:
     def __exit__(self, *exc) -> None:
         if self._acquired:
             release(self.folder)
+
+
+def lock_run_dir(run_dir: str | os.PathLike, stage: str) -> None:
+    """Take a run directory's lock for this process (rank 0 of a distributed run; the other ranks share it) and
+    clear what a killed run left there; FolderBusy names the directory and the run holding it."""
+    if launcher_rank() != 0:
+        return
+    run_dir = Path(run_dir)
+    acquire(run_dir, f"mose {stage.replace('_', '-')}", hint="wait for that run to finish, or give this one another run_dir=...")
+    removed = [name for folder in (run_dir, run_dir / "checkpoints") for name in remove_stale_temporaries(folder)]
+    if removed:
+        print(f"note: {run_dir}: removed temporaries a killed run left behind: {', '.join(removed)}")
 
 
 def holds_lock(arg: str, what: str, hint: str = "wait for it to finish or write to another --out") -> Callable:

@@ -25,9 +25,10 @@ from lightning.pytorch.plugins.precision import FSDPPrecision, HalfPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
 from mose_lightning import locks
-from mose_lightning.config import ExperimentConfig, save_config
+from mose_lightning.config import ExperimentConfig, run_dir_for, save_config  # noqa: F401 (run_dir_for: stages)
 from mose_lightning.data import skips
-from mose_lightning.io import atomic_write_json, remove_stale_temporaries, temp_file
+from mose_lightning.io import atomic_write_json, temp_file
+from mose_lightning.locks import lock_run_dir
 from mose_lightning.moe.routing import SequenceSkillRouter
 
 # The final metrics of a fit, recorded before the model is saved: a run killed during the save (whose rerun resumes
@@ -52,10 +53,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-
-
-def run_dir_for(cfg: ExperimentConfig, stage: str) -> Path:
-    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name / stage
 
 
 def is_global_zero() -> bool:
@@ -215,18 +212,6 @@ def resume_path(run_dir: Path) -> Optional[str]:
 def apply_threads(cfg: ExperimentConfig) -> None:
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
-
-
-def lock_run_dir(run_dir: Path, stage: str) -> None:
-    """Take the run directory's lock for this process (rank 0 of a distributed run; the other ranks share it) and
-    clear what a killed run left there; FolderBusy names the directory and the run holding it."""
-    if locks.launcher_rank() != 0:
-        return
-    locks.acquire(run_dir, f"mose {stage.replace('_', '-')}",
-                  hint="wait for that run to finish, or give this one another run_dir=...")
-    removed = [name for folder in (run_dir, run_dir / "checkpoints") for name in remove_stale_temporaries(folder)]
-    if removed:
-        print(f"note: {run_dir}: removed temporaries a killed run left behind: {', '.join(removed)}")
 
 
 def start_run(cfg: ExperimentConfig, stage: str) -> Path:
