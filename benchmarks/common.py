@@ -41,7 +41,12 @@ def base_parser(description: str, default_repeats: int = 5, default_warmup: int 
 
 
 def setup(args: argparse.Namespace):
-    """Apply --threads/--seed and return (device, dtype)."""
+    """Apply --threads/--seed (and, on a CPU, the allocator settings CPU training runs with) and return
+    (device, dtype)."""
+    if args.device == "cpu":
+        from mose_lightning.cpu_memory import tune_cpu_allocator
+
+        tune_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -101,7 +101,7 @@ def run(args) -> dict:
         model = models[kind]
 
         def step():
-            outs = [model.generate(b, tokens, reroute_every_step=reroute, min_new_tokens=tokens) for b in batches]
+            outs = [model.generate(b, tokens, reroute_every_step=reroute, min_new_tokens=tokens).tokens for b in batches]
             outputs[name] = [o.cpu() for o in outs]
 
         return step

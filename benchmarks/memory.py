@@ -7,7 +7,7 @@ Every variant runs in a fresh subprocess (`python -m benchmarks.memory --child K
 allocator state cannot hide or inflate another's. In the child: build the model (`build_model`, the toy backbone
 or --config's), read one training batch from the DataModule, build the SFT optimiser (`build_optimizer`: AdamW
 over the trainable parameters); then
-  step 1   forward (`FineTuneModule._loss`: answer loss + MoE aux losses), backward, optimizer.step(),
+  step 1   forward (`MoEOutput.training_loss`: answer loss + MoE aux losses), backward, optimizer.step(),
            zero_grad(set_to_none=True): the first step also allocates AdamW's two state tensors per parameter;
   step 2   the same again (steady state: optimiser state already there).
 CPU: the process' resident set is measured with Linux's peak counter (VmHWM in /proc/self/status, reset to the
@@ -71,7 +71,7 @@ def child(args) -> dict:
     device, dtype = setup(args)
     from mose_lightning.data.datamodule import DriveDataModule
     from mose_lightning.model import build_model
-    from mose_lightning.stages.common import FineTuneModule, build_optimizer
+    from mose_lightning.stages.common import build_optimizer
 
     cfg = toy_config(args.config, args.shards, [f"moe.kind={args.child}", f"data.batch_size={args.batch_size}",
                                                 "data.shuffle_buffer=4", f"backbone.dtype={args.dtype}"],
@@ -81,9 +81,8 @@ def child(args) -> dict:
     dm = DriveDataModule(cfg.data, model.adapter, model.processor, model.taxonomy)
     batch = next(iter(dm.train_dataloader()))
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    module = FineTuneModule(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(module, params, cfg, 10)["optimizer"]
+    optimizer = build_optimizer(params, cfg, 10)["optimizer"]
     model.train()
     trainable = sum(p.numel() * p.element_size() for p in params)
     in_blocks = {id(p) for block in model.layout.blocks for p in block.parameters()}
@@ -114,7 +113,7 @@ def child(args) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         _reset_peak()
         start = time.perf_counter()
-        _, loss = module._loss(batch)
+        loss = model(batch).training_loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -37,7 +37,7 @@ from torch import nn
 from benchmarks.common import (
     base_parser, emit, format_table, iter_sizes, log, machine_info, setup, synchronize, time_interleaved,
 )
-from mose_lightning.moe import ExpertGroupBlock, MoSEBlock, RoutingContext, StackedSwiGLUExperts, TopKMoEBlock
+from mose_lightning.moe import ExpertGroupBlock, MoSEBlock, RoutingContext, TopKMoEBlock
 
 NAME = "moe_layer"
 NUM_EXPERTS = 4
@@ -131,7 +131,8 @@ class GShardTop1MoE(nn.Module):
         gate, up = torch.bmm(dispatched, experts.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
         expert_out = torch.bmm(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2))  # (E, C, H)
         routed = torch.einsum("sec,ecm->sm", combine.to(flat.dtype), expert_out).view(batch, seq, hidden)
-        return self.block._combine(x, routed)
+        out = experts.routed_weight * routed
+        return out + experts.shared_weight * experts.shared(x) if experts.shared is not None else out
 
 
 # ------------------------------------------------------------------------------------------------ peer: HF
@@ -194,9 +195,10 @@ def build_variants(hidden: int, inter: int, batch: int, seq: int, device, dtype,
     ctx = RoutingContext(image_mask=image_mask)
     mose = MoSEBlock.upcycle(base, NUM_EXPERTS, "silu", ctx, 0, "perception", 0)
     unfused = copy.deepcopy(mose)  # shared and routed experts computed apart, then combined: what the fusion saves
-    unfused.fuse_shared = False
+    unfused.experts.fuse_shared = False
     group = ExpertGroupBlock.from_mose(copy.deepcopy(mose))  # own copies: timing one must not touch the other
-    group.context = ctx
+    # Own contexts too: each records its own routing (the report's rows per expert).
+    unfused.context, group.context = RoutingContext(image_mask=image_mask), RoutingContext(image_mask=image_mask)
     topk_ctx = RoutingContext()
     topk = TopKMoEBlock.upcycle(base, NUM_EXPERTS, 1, "silu", topk_ctx, 0)
     gshard = GShardTop1MoE(topk)  # runs on the top-k block's weights (same router, experts, shared expert)
@@ -205,7 +207,7 @@ def build_variants(hidden: int, inter: int, batch: int, seq: int, device, dtype,
     sources = (("mose_grouped_mm", mose), ("expert_group_grouped_mm", group), ("topk_grouped_mm", topk))
     grouped = {}
     for name, block in sources if grouped_mm else ():
-        grouped[name] = copy.deepcopy(block)
+        grouped[name] = copy.deepcopy(block)  # deep copies get their own context
         grouped[name].experts.dispatch = "grouped_mm"
 
     x = torch.randn(batch, seq, hidden, **factory)
@@ -221,6 +223,8 @@ def build_variants(hidden: int, inter: int, batch: int, seq: int, device, dtype,
         return step
 
     def sequence_routed(block):
+        block.routed_by_layer_hook = True
+
         def step():
             block.route(x)  # what the decoder-layer hook does before the FFN runs
             block(x).backward(grad_out)
@@ -229,27 +233,28 @@ def build_variants(hidden: int, inter: int, batch: int, seq: int, device, dtype,
 
     def with_aux(module, context):
         def step():
-            context.aux_losses.clear()
             out = module(x)
-            aux = sum(context.aux_losses)
+            losses = context.record.aux[module.layer_index]
+            aux = 0.01 * losses["load_balancing"] + 0.001 * losses["z_loss"]  # the default coefficients
             torch.autograd.backward([out, aux], [grad_out, torch.ones_like(aux)])
 
         return step
 
+    def rows(context, per_entry=1):
+        return lambda: context.record.expert_counts(0) * per_entry
+
     variants = {
         "dense": Variant(dense, dense.parameters(), plain(dense)),
-        "mose": Variant(mose, mose.parameters(), sequence_routed(mose), lambda: mose.last_expert_counts * seq),
-        "mose_unfused": Variant(unfused, unfused.parameters(), sequence_routed(unfused),
-                                lambda: unfused.last_expert_counts * seq),
-        "expert_group": Variant(group, group.parameters(), sequence_routed(group), lambda: group.last_expert_counts),
-        "topk": Variant(topk, topk.parameters(), with_aux(topk, topk_ctx), lambda: topk.last_expert_counts),
+        "mose": Variant(mose, mose.parameters(), sequence_routed(mose), rows(ctx, seq)),
+        "mose_unfused": Variant(unfused, unfused.parameters(), sequence_routed(unfused), rows(unfused.context, seq)),
+        "expert_group": Variant(group, group.parameters(), sequence_routed(group), rows(group.context)),
+        "topk": Variant(topk, topk.parameters(), with_aux(topk, topk_ctx), rows(topk_ctx)),
         "hf_qwen2_moe": Variant(hf, hf.parameters(), plain(hf), None),
         "gshard_einsum": Variant(gshard, gshard.parameters(), plain(gshard), None),
     }
     for name, block in grouped.items():
         step = with_aux(block, block.context) if name.startswith("topk") else sequence_routed(block)
-        rows = (lambda b=block: b.last_expert_counts * seq) if name.startswith("mose") else (lambda b=block: b.last_expert_counts)
-        variants[name] = Variant(block, block.parameters(), step, rows)
+        variants[name] = Variant(block, block.parameters(), step, rows(block.context, seq if name.startswith("mose") else 1))
     return base, variants, x, grad_out
 
 
@@ -269,8 +274,8 @@ def check_equivalence(base: SwiGLU, variants: Dict[str, Variant], x: torch.Tenso
         module = variant.module
         if name == "gshard_einsum":
             module = GShardTop1MoE(variant.module.block, capacity_factor=NUM_EXPERTS)
-        if hasattr(module, "last_route"):
-            module.last_route = None
+        if hasattr(module, "route"):
+            module.route(x)
         errors[name] = float((module(x) - ref).abs().max() / scale)
     return errors
 

@@ -82,8 +82,8 @@ def _router_module_classes():
             model = self.__dict__["frozen"]
             keep = [i for i, m in enumerate(batch["meta"]) if not m.get("pad", False)]
             with torch.no_grad():
-                model(batch, with_loss=False)
-                pooled = torch.stack([b.last_route.pooled for b in model.layout.sequence_routed], dim=1)
+                out = model(batch, with_loss=False)
+                pooled = torch.stack([route.pooled for route in out.routes], dim=1)
             feats = pooled[keep].float()
             labels = batch["skill_labels"][keep]
             return super().training_step((feats, labels), batch_idx)
@@ -142,7 +142,7 @@ def run(args) -> dict:
         f"data.eval_batch_size={batch}", "router_pretrain.max_samples=0", f"seed={args.seed}",
     ])
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    model = build_model(cfg, load_routers=False)
+    model = build_model(cfg)
     dm = DriveDataModule(cfg.data, model.adapter, model.processor, model.taxonomy)
     routers = skill_routers(model.layout)
     for router in routers.values():

@@ -22,11 +22,14 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from mose_lightning.config import ConfigError, ExperimentConfig, config_to_dict, load_config, save_config
+from mose_lightning.config import ConfigError, ExperimentConfig, config_to_dict, load_config, resolve_path, save_config
 from mose_lightning.io import apply_umask, temp_dir
 
 WEIGHTS = "weights.safetensors"
 META = "model.json"
+# 2: the shared expert lives in the MoE block's experts module (`mlp.experts.shared.*`, was `mlp.shared.*`) and
+# skill routers store their input standardisation (`input_shift`, `input_scale`; folded into the classifier in 1).
+FORMAT = 2
 # Config sections that define the architecture: a checkpoint only loads into a model built the same way.
 MODEL_DEFINING = ("backbone", "moe", "skills")
 
@@ -42,30 +45,39 @@ def clean_parameter_name(name: str) -> str:
     return name
 
 
-def saved_parameter_names(model) -> set:
-    """Backbone parameter names a checkpoint keeps: everything trainable and everything inside an MoE block.
-    The rest is the frozen backbone, rebuilt from its source when a model or a run is loaded. Names are those of
-    the unwrapped model, also while FSDP or activation checkpointing wrap its layers."""
+def _named_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    out = {clean_parameter_name(name): p for name, p in module.named_parameters()}
+    out.update({clean_parameter_name(name): b for name, b in module.named_buffers()})
+    return out
+
+
+def saved_tensor_names(model) -> set:
+    """Backbone tensor names a checkpoint keeps: everything trainable and everything inside an MoE block (its
+    parameters and buffers, e.g. the skill routers' input standardisation). The rest is the frozen backbone,
+    rebuilt from its source when a model or a run is loaded. Names are those of the unwrapped model, also while
+    FSDP or activation checkpointing wrap its layers."""
     block_ids = set(map(id, model.layout.blocks))
-    moe_prefixes = tuple(f"{name}." for name, module in model.backbone.named_modules() if id(module) in block_ids)
-    return {clean_parameter_name(name) for name, param in model.backbone.named_parameters()
-            if param.requires_grad or name.startswith(moe_prefixes)}
+    moe_prefixes = tuple(f"{clean_parameter_name(name)}." for name, module in model.backbone.named_modules()
+                         if id(module) in block_ids)
+    trainable = {clean_parameter_name(name) for name, p in model.backbone.named_parameters() if p.requires_grad}
+    # A block's reference FFN (moe.router_input=frozen_backbone) is the dense FFN it replaced: rebuilt by surgery.
+    return trainable | {name for name in _named_tensors(model.backbone)
+                        if name.startswith(moe_prefixes) and ".reference_ffn." not in name}
 
 
 def _backbone_state(model, full_state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-    """Backbone parameters by clean name: `full_state` where given (the gathered state dict of an FSDP run, whose
-    live parameters are shards), else the live parameters."""
-    live = {clean_parameter_name(name): param for name, param in model.backbone.named_parameters()}
+    """Backbone parameters and buffers by clean name: `full_state` where given (the gathered state dict of an FSDP
+    run, whose live parameters are shards), else the live tensors."""
+    live = _named_tensors(model.backbone)
     if full_state is None:
         return live
-    # Parameters only (a state dict also holds buffers), each taken from the gathered state.
     return {name: full_state[name] for name in live if name in full_state}
 
 
 def _saved_state(model, full_state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-    """The parameters `saved_parameter_names` keeps."""
+    """The tensors `saved_tensor_names` keeps."""
     source = _backbone_state(model, full_state)
-    names = sorted(saved_parameter_names(model))
+    names = sorted(saved_tensor_names(model))
     missing = [name for name in names if name not in source]
     if missing:
         raise KeyError(f"cannot save the model: {len(missing)} trained tensors are missing from its state, e.g. {missing[:3]}")
@@ -78,10 +90,11 @@ def backbone_fingerprint(model, full_state: Optional[Dict[str, torch.Tensor]] = 
     weights must give the same fingerprint in every process. The elements are rounded to bf16 first, so that a
     model trained with precision=bf16-true (its backbone cast to bf16) loads into the float32 rebuild of the same
     backbone; `bf16=False` gives the exact-value fingerprint of models saved before that rounding."""
-    saved = saved_parameter_names(model)
+    saved = saved_tensor_names(model)
+    params = {clean_parameter_name(name) for name, _ in model.backbone.named_parameters()}
     digest = hashlib.sha256()
     for name, param in sorted(_backbone_state(model, full_state).items(), key=lambda item: item[0]):
-        if name in saved or param.device.type == "meta":
+        if name in saved or name not in params or param.device.type == "meta":
             continue
         flat = param.detach().flatten()
         picked = flat[:: max(1, flat.numel() // 64)][:64]
@@ -100,7 +113,7 @@ def save_model(model, directory: str | os.PathLike, full_state: Optional[Dict[st
         save_file(state, str(tmp / WEIGHTS))
         save_config(model.cfg, tmp)
         meta = {
-            "format": 1,
+            "format": FORMAT,
             "kind": model.cfg.moe.kind,
             "saved_tensors": len(state),
             "saved_parameters": int(sum(t.numel() for t in state.values())),
@@ -157,36 +170,58 @@ def check_compatible(saved: ExperimentConfig, expected: ExperimentConfig, source
         raise ConfigError(f"{source}: checkpoint does not match the config: " + "; ".join(diffs[:8]))
 
 
-def _load_state_into(backbone, state: Dict[str, torch.Tensor], source: str, strict_keys: bool = True) -> None:
-    params = dict(backbone.named_parameters())
-    unknown = [k for k in state if k not in params]
-    if unknown:
-        raise ConfigError(f"{source}: checkpoint has parameters this model lacks: {unknown[:5]}")
-    for name, tensor in state.items():
-        if params[name].shape != tensor.shape:
-            raise ConfigError(
-                f"{source}: parameter {name} has shape {tuple(tensor.shape)} in the checkpoint, "
-                f"{tuple(params[name].shape)} in the model"
-            )
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor.to(params[name].dtype))
+def _upgrade(state: Dict[str, torch.Tensor], fmt: int, model) -> Dict[str, torch.Tensor]:
+    """A saved state of an older format in today's names (see FORMAT)."""
+    if fmt >= FORMAT:
+        return state
+    state = {name.replace(".mlp.shared.", ".mlp.experts.shared."): value for name, value in state.items()}
+    # Folded routers read raw inputs: the identity standardisation the model was built with stays.
+    for name, value in _named_tensors(model.backbone).items():
+        if name.endswith((".router.input_shift", ".router.input_scale")):
+            state.setdefault(name, value.detach().clone())
+    return state
 
 
-def load_model(directory: str | os.PathLike, expected: Optional[ExperimentConfig] = None, overrides=()):
-    """Build the model from the saved config and load its weights. With `expected`, the architecture-defining
-    sections of both configs must agree, else a ConfigError lists the differences."""
+def model_dir_of(path: str | os.PathLike) -> Path:
+    """A run directory or its `model/` subdirectory -> the saved model directory."""
+    path = Path(path)
+    return path / "model" if (path / "model").is_dir() else path
+
+
+def model_from_config(cfg: ExperimentConfig, load_routers: bool = True):
+    """The model `cfg` describes, with the files it names: the dense model directory `backbone.init_checkpoint`
+    overlaid on the backbone, and (for MoSE) the pretrained routers `moe.router_checkpoint`."""
     from mose_lightning.model import build_model
 
-    directory = Path(directory)
+    backbone_state = None
+    if cfg.backbone.init_checkpoint:
+        backbone_state = dense_backbone_weights(cfg.backbone.init_checkpoint)
+    router_state, source = None, "moe.router_checkpoint"
+    if cfg.moe.router_checkpoint and load_routers and cfg.moe.kind in ("mose", "expert_group"):
+        path = resolve_path(cfg.moe.router_checkpoint)
+        if not path.is_file():
+            raise ConfigError(f"moe.router_checkpoint: no file at {cfg.moe.router_checkpoint}")
+        router_state, source = torch.load(path, map_location="cpu", weights_only=True), str(path)
+    return build_model(cfg, backbone_state=backbone_state, router_state=router_state, router_source=source)
+
+
+def load_model(path: str | os.PathLike, expected: Optional[ExperimentConfig] = None, overrides=()):
+    """Build the model a saved model directory (or a run directory holding one in `model/`) describes and load its
+    weights. With `expected`, the architecture-defining sections of both configs must agree, else a ConfigError
+    lists the differences."""
+    from mose_lightning.model import build_model, load_state_into
+
+    directory = model_dir_of(path)
     _check_complete(directory)
     cfg = load_config(directory / "config.yaml", overrides)
     if expected is not None:
         check_compatible(cfg, expected, str(directory))
-    cfg.moe.router_checkpoint = None  # the saved weights carry the trained routers
-    model = build_model(cfg, load_routers=False)
-    _load_state_into(model.backbone, load_file(str(directory / WEIGHTS)), str(directory))
+    # The saved weights carry the trained routers; moe.router_checkpoint stays as the record of where they started.
+    backbone_state = dense_backbone_weights(cfg.backbone.init_checkpoint) if cfg.backbone.init_checkpoint else None
+    model = build_model(cfg, backbone_state=backbone_state)
     meta = json.loads((directory / META).read_text())
+    state = _upgrade(load_file(str(directory / WEIGHTS)), int(meta.get("format", 1)), model)
+    load_state_into(model.backbone, state, str(directory))
     fingerprints = (backbone_fingerprint(model), backbone_fingerprint(model, bf16=False))
     if meta.get("backbone_fingerprint") not in fingerprints:
         raise ConfigError(
@@ -196,12 +231,12 @@ def load_model(directory: str | os.PathLike, expected: Optional[ExperimentConfig
     return model
 
 
-def load_backbone_weights(backbone, directory: str | os.PathLike) -> None:
-    """Overlay the saved (trained) parameters of a model directory onto a fresh backbone, e.g. a toy backbone
-    instruction-tuned by a dense stage, before MoE surgery. Only a dense model's weights fit here."""
-    directory = Path(directory)
+def dense_backbone_weights(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
+    """The saved (trained) parameters of a dense model directory, e.g. the toy backbone instruction-tuned by a dense
+    stage, to overlay on a fresh backbone before MoE surgery. Only a dense model's weights fit there."""
+    directory = model_dir_of(resolve_path(path))
     _check_complete(directory)
     saved_cfg = load_config(directory / "config.yaml")
     if saved_cfg.moe.kind != "dense":
-        raise ConfigError(f"backbone.init_checkpoint={directory}: expected a dense model, got moe.kind={saved_cfg.moe.kind!r}")
-    _load_state_into(backbone, load_file(str(directory / WEIGHTS)), str(directory))
+        raise ConfigError(f"backbone.init_checkpoint={path}: expected a dense model, got moe.kind={saved_cfg.moe.kind!r}")
+    return load_file(str(directory / WEIGHTS))

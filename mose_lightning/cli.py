@@ -6,7 +6,8 @@
   mose pretrain-router | sft | expert-group | eval --config F [key=value ...]
   mose predict --checkpoint DIR --image IMG [--image IMG2] --question "..." [--box x,y,w,h]
   mose report RUN_DIR [RUN_DIR ...]
-  mose demo | reproduce-toy
+  mose demo [--config F] [key=value ...]
+  mose reproduce-toy [--quick] [--configs auto|toy|coda] [--workers N] [--root DIR] [key=value ...]
 
 Bad input and configuration errors print one line, `error: ...`, and exit with code 2; `--debug` (anywhere on
 the command line, or MOSE_DEBUG=1) shows the traceback instead.
@@ -25,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
-from mose_lightning.config import ConfigError, load_config, run_dir_for
+from mose_lightning.config import PROJECT_ROOT, ConfigError, load_config, run_dir_for
 
 # command -> (what the toy pipeline prepares for it, module, function); modules load lazily, so `mose params` and
 # `mose data` start without importing Lightning.
@@ -36,6 +37,7 @@ STAGE_RUNNERS = {
     "eval": ("eval", "mose_lightning.stages.evaluate", "run_eval"),
 }
 STAGES = tuple(STAGE_RUNNERS)
+_TOY_MOSE = Path(__file__).resolve().parent.parent / "configs" / "experiment" / "toy_mose.yaml"
 
 
 def _overrides(values: List[str]) -> List[str]:
@@ -46,7 +48,8 @@ def _overrides(values: List[str]) -> List[str]:
 def _quiet_known_warnings() -> None:
     """Lightning and transformers notices that say nothing about the user's run."""
     for pattern in (".*LeafSpec.*", ".*IterableDataset.*has `__len__` defined.*", ".*module\\(s\\) in eval mode.*",
-                    ".*does not have many workers.*", ".*predict returned None.*"):
+                    ".*does not have many workers.*", ".*predict returned None.*",
+                    ".*infer the batch indices fetched from your dataloader.*"):
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("LITLOGGER_DISABLE_TIP", "1")
 
@@ -65,6 +68,15 @@ def _one_rank_at_a_time(cfg):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def apply_cpu_training_settings(cfg) -> None:
+    """The CPU allocator settings (`trainer.cpu_allocator_tuning`) for a training command on a CPU, before any
+    model is built: PyTorch reads the huge-page switch at its first large allocation."""
+    from mose_lightning.cpu_memory import trains_on_cpu, tune_cpu_allocator
+
+    if cfg.trainer.cpu_allocator_tuning and trains_on_cpu(cfg.trainer.accelerator):
+        tune_cpu_allocator()
+
+
 def run_stage_command(stage: str, config: str, overrides: List[str]):
     from mose_lightning.locks import lock_run_dir
 
@@ -76,6 +88,8 @@ def run_stage_command(stage: str, config: str, overrides: List[str]):
     # Before any preparation (and before importing torch): a config error or a run directory in use is reported at
     # once, not after minutes of set-up.
     lock_run_dir(run_dir_for(cfg, prepared_as), prepared_as)
+    if stage != "eval":
+        apply_cpu_training_settings(cfg)
     from mose_lightning import pipeline
 
     with _one_rank_at_a_time(cfg):
@@ -108,6 +122,9 @@ def _cmd_params(args) -> None:
     print(f"activated / token: {format_count(report['activated'])} ({report['activated']:,})")
     print(f"MoE layers:        {report['moe_layers']} at decoder layers {report['moe_layer_indices']}")
     print(f"level allocation:  {report['levels']}")
+    if report["reference_ffn"]:
+        print(f"routing pass:      {format_count(report['reference_ffn'])} frozen dense FFN weights beside the model "
+              "(moe.router_input=frozen_backbone)")
 
 
 def _cmd_data(args, rest: List[str]) -> None:
@@ -178,10 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="put several runs side by side")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default=None)
-    for name in ("demo", "reproduce-toy"):
-        p = sub.add_parser(name)
-        p.add_argument("--config", default=None)
-        p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("demo")
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*")
+    from mose_lightning.miniature import build_parser as miniature_parser
+
+    sub.add_parser("reproduce-toy", parents=[miniature_parser(add_help=False)],
+                   help="the paper's comparisons in miniature (docs/miniature.md)")
     return parser
 
 
@@ -244,11 +264,15 @@ def _dispatch(argv: List[str]) -> None:
     elif args.command == "demo":
         from mose_lightning.demo import run_demo
 
+        apply_cpu_training_settings(load_config(args.config or _TOY_MOSE, _overrides(args.overrides)))
         run_demo(args.config, _overrides(args.overrides))
     elif args.command == "reproduce-toy":
-        from mose_lightning.demo import run_reproduce_toy
+        from mose_lightning.miniature import choose_configs, config_path, run_reproduce
 
-        run_reproduce_toy(_overrides(args.overrides))
+        configs = choose_configs(args.configs)
+        # The main process trains only the toy's one-time preparation; every job applies them in its own.
+        apply_cpu_training_settings(load_config(PROJECT_ROOT / config_path(configs, "mose"), _overrides(args.overrides)))
+        run_reproduce(_overrides(args.overrides), args.quick, configs, args.workers, args.root)
 
 
 if __name__ == "__main__":

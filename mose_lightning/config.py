@@ -100,6 +100,9 @@ class BackboneConfig:
     # Optional checkpoint (a directory written by mose_lightning.checkpoint) whose backbone weights replace the
     # fresh ones, e.g. the toy backbone after a brief dense instruction tuning.
     init_checkpoint: Optional[str] = None
+    # Toy only: the experiment config whose dense run creates init_checkpoint when it is missing (empty:
+    # configs/experiment/toy_instruct.yaml, instruction tuning on the driving tasks themselves).
+    init_config: Optional[str] = None
 
     def __post_init__(self) -> None:
         _choice("backbone", "name", self.name, ["qwen2_vl", "llava", "toy"])
@@ -127,9 +130,27 @@ class MoEConfig:
     #   sum:      shared(x) + expert(x) with the routed experts' down projection starting at zero (a zero delta).
     combine: str = "weighted"
     shared_weight: float = 0.5
-    # MoSE: use the sample's skill labels instead of the router's choice (when the batch carries labels).
+    # MoSE training: route by the sample's skill labels instead of the router's choice (where a sample has them).
+    # Evaluation always routes by the routers.
     teacher_forcing: bool = False
     router_trainable: bool = False
+    # Coefficient of the skill cross-entropy of every skill router during SFT, on the samples that carry skill
+    # labels (0: off). Needs router_trainable; keeps the routers on their skills while the experts change.
+    router_skill_loss: float = 0.0
+    # What the skill routers read (docs/routing.md has the measurements behind the default):
+    #   frozen_backbone: T_mean entering their own layer in the backbone as router pretraining saw it, from a no-grad
+    #                    pass through the dense FFNs the MoE blocks replaced, before each forward and generation
+    #                    (frozen copies of those FFNs; one more forward per training step and per prompt);
+    #   own_layer:       T_mean entering their own layer in the model as it is (fine-tuning the MoE blocks of earlier
+    #                    layers shifts it away from what the routers were pretrained on);
+    #   first_moe_layer: every router reads T_mean entering the first MoSE layer (no extra cost; nothing before
+    #                    that layer trains, but the features are shallower).
+    router_input: str = "frozen_backbone"
+    # Learning rate of the skill routers when they train during SFT (0: optim.lr).
+    router_lr: float = 0.0
+    # While fine-tuning, each router's input standardisation follows the training batches' mean (an exponential
+    # moving average with this momentum; 0: fixed at the router-pretraining statistics).
+    router_recentre_momentum: float = 0.0
     # Router pretraining checkpoint (routers.pt) that SFT loads into the MoSE routers.
     router_checkpoint: Optional[str] = None
     aux_loss_coef: float = 0.01
@@ -146,6 +167,13 @@ class MoEConfig:
         _choice("moe", "kind", self.kind, ["dense", "topk", "mose", "expert_group"])
         _choice("moe", "combine", self.combine, ["weighted", "sum"])
         _choice("moe", "dispatch", self.dispatch, ["auto", "grouped_mm", "loop"])
+        _choice("moe", "router_input", self.router_input, ["own_layer", "first_moe_layer", "frozen_backbone"])
+        _positive("moe", "router_skill_loss", self.router_skill_loss, allow_zero=True)
+        _positive("moe", "router_lr", self.router_lr, allow_zero=True)
+        if not 0.0 <= self.router_recentre_momentum < 1.0:
+            raise ConfigError(f"moe.router_recentre_momentum: expected a number in [0, 1), got {self.router_recentre_momentum!r}")
+        if self.router_skill_loss > 0 and not self.router_trainable:
+            raise ConfigError("moe.router_skill_loss > 0 trains the skill routers: set moe.router_trainable=true too")
         if not 0.0 <= self.shared_weight < 1.0:
             raise ConfigError(f"moe.shared_weight: expected a number in [0, 1), got {self.shared_weight!r}")
         if self.num_experts < 1:
@@ -177,8 +205,12 @@ class SyntheticConfig:
     seed: int = 0
     image_width: int = 224
     image_height: int = 126
+    # Question family (data_recipes/synthetic.py): driving (the CODA-LM-style tasks, annotated with skills) or
+    # perception (what is where in the same scenes, no skills; the miniature's backbone preparation).
+    family: str = "driving"
 
     def __post_init__(self) -> None:
+        _choice("data.synthetic", "family", self.family, ["driving", "perception"])
         for key in ("num_train", "num_val", "num_test"):
             _at_least("data.synthetic", key, getattr(self, key), 0)
         if self.image_width < 64 or self.image_height < 36:
@@ -274,6 +306,10 @@ class TrainerConfig:
     seed: int = 0
     # torch intra-op threads per process; 0 keeps torch's default. Tiny models (the toy) run faster on one thread.
     num_threads: int = 0
+    # Training on a CPU: huge pages for large allocations and glibc keeping freed memory for reuse
+    # (mose_lightning/cpu_memory.py has what each costs). Applied by the command line before the model is built;
+    # never for evaluation or on GPUs.
+    cpu_allocator_tuning: bool = True
 
     def __post_init__(self) -> None:
         _choice("trainer", "accelerator", self.accelerator, ["auto", "cpu", "gpu", "cuda", "mps", "tpu"])
@@ -408,9 +444,15 @@ class EvalConfig:
     # Fewer samples scored than the split's manifests hold (damaged shards, undecodable samples) is an error;
     # true: score the rest, recorded as partial in scores.json and results.md with the missing keys and shards.
     allow_partial: bool = False
+    # What picks the skill experts while generating (MoSE, expert groups): router (the model's own routing),
+    # labels (oracle routing: the samples' skill labels), shuffled (a control: each sample takes the routes of
+    # another sample of its batch, a seeded derangement: the same route frequencies, the wrong samples' skills).
+    route_source: str = "router"
+    shuffle_seed: int = 0
 
     def __post_init__(self) -> None:
         _choice("eval", "split", self.split, ["test", "val"])
+        _choice("eval", "route_source", self.route_source, ["router", "labels", "shuffled"])
         _at_least("eval", "max_new_tokens", self.max_new_tokens, 1)
         _at_least("eval", "batch_size", self.batch_size, 1)
         for key in ("limit", "html_samples"):
@@ -503,15 +545,6 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
 
 def config_to_dict(cfg: ExperimentConfig) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def config_from_dict(data: dict) -> ExperimentConfig:
-    """Rebuild (and validate) a config saved by `save_config`."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"saved config: {_describe(err)}") from err
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -1,32 +1,59 @@
-"""The model every stage trains and evaluates: a backbone after MoE surgery, plus what routing needs per forward.
+"""The model every stage trains and evaluates: a backbone after MoE surgery, and what routing needs per forward.
 
-`build_model(cfg)` is the one way to get it: backbone adapter -> (optional) instruction-tuned backbone weights ->
-surgery for `moe.kind` -> freezing -> (optional) pretrained routers.
+`build_model(cfg)` assembles it: backbone adapter -> backbone (weights from its source) -> (optional) backbone
+weights overlaid from a dense model directory -> surgery for `moe.kind` -> freezing -> (optional) pretrained
+routers. Reading those files is `mose_lightning.checkpoint`'s job (`model_from_config`, `load_model`); this module
+only builds.
+
+Every forward returns a `MoEOutput`: the language-model loss and logits, the auxiliary losses computed at the top
+from what the MoE blocks recorded (as transformers' Qwen2-MoE computes its aux loss from recorded router logits),
+and the routing itself: the skill route of every sequence-routed layer and the expert usage of every MoE layer.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
 from mose_lightning.backbones import get_adapter
-from mose_lightning.config import ConfigError, ExperimentConfig, resolve_path
+from mose_lightning.config import ConfigError, ExperimentConfig
+from mose_lightning.moe import RouteDecision, RoutingRecord, skill_routing_loss
+from mose_lightning.moe.routing import ReferencePassComplete
 from mose_lightning.skills import SkillTaxonomy, load_taxonomy
 from mose_lightning.surgery import MoELayout, apply_moe, load_router_state, set_trainable
 
 
 @dataclass
-class LayerRoute:
-    """One MoSE layer's decision for a batch, in a form that logs and prediction files can use."""
+class MoEOutput:
+    """What one forward of the model produced."""
 
-    layer: int
-    level: str
-    expert: List[int]
-    prob: List[float]
+    loss: Optional[torch.Tensor]  # autoregressive loss on the answer tokens (None without labels)
+    logits: torch.Tensor
+    # The weighted sum of the auxiliary losses below (None when there is none); training adds it to `loss`.
+    aux_loss: Optional[torch.Tensor]
+    # Unweighted auxiliary losses by name: "load_balancing" and "z_loss" (summed over top-k layers),
+    # "router_skill" (mean skill cross-entropy of the skill routers, when moe.router_skill_loss > 0).
+    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    routes: List[RouteDecision] = field(default_factory=list)  # one per sequence-routed layer, in layer order
+    # Rows each expert received, per MoE layer in layer order (None for dense layers).
+    expert_counts: List[Optional[torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def training_loss(self) -> torch.Tensor:
+        """What fine-tuning minimises: the answer loss plus the weighted auxiliary losses."""
+        return self.loss if self.aux_loss is None else self.loss + self.aux_loss
+
+
+@dataclass
+class GenerationOutput:
+    """New tokens of a single-round generation and the routing decided on its prompt."""
+
+    tokens: torch.Tensor  # (B, new tokens)
+    routes: List[RouteDecision]
+    expert_counts: List[Optional[torch.Tensor]]
 
 
 class MoEVisionLanguageModel(nn.Module):
@@ -41,100 +68,142 @@ class MoEVisionLanguageModel(nn.Module):
         self.taxonomy = taxonomy
 
     @property
-    def context(self):
-        return self.layout.context
-
-    @property
     def moe_blocks(self) -> List[nn.Module]:
         return self.layout.blocks
 
-    @contextmanager
-    def routing(self, prompt_mask: Optional[torch.Tensor] = None, skill_labels: Optional[torch.Tensor] = None,
-                prompt_length: Optional[int] = None, teacher_forcing: Optional[bool] = None):
-        """Set the routers' per-forward inputs; restore a clean context afterwards. `teacher_forcing`: route by
-        `skill_labels` (None: as `moe.teacher_forcing` says)."""
-        ctx = self.context
-        ctx.reset()
-        ctx.prompt_mask = prompt_mask.bool() if prompt_mask is not None else None
-        ctx.explicit_prompt_mask = prompt_mask is not None
-        ctx.prompt_length = prompt_length
-        ctx.skill_labels = skill_labels
-        ctx.teacher_forcing = bool(self.cfg.moe.teacher_forcing if teacher_forcing is None else teacher_forcing)
-        try:
-            yield ctx
-        finally:
-            ctx.explicit_prompt_mask = False
-            ctx.prompt_length = None
+    @property
+    def level_names(self) -> List[str]:
+        return self.taxonomy.level_names if self.taxonomy is not None else []
 
-    def forward(self, batch: Dict[str, torch.Tensor], with_loss: bool = True):
-        """Teacher-forced forward on prompt + answer. Returns the backbone output with `.aux_loss` attached."""
+    def _begin(self, batch: Mapping, prompt_mask: Optional[torch.Tensor], route_source: str,
+               prompt_length: Optional[int] = None, shuffle: Optional[torch.Tensor] = None) -> RoutingRecord:
+        return self.layout.context.begin(prompt_mask, batch.get("skill_labels"), prompt_length, route_source, shuffle)
+
+    def _routing(self, record: RoutingRecord):
+        routes = [record.routes[b.layer_index] for b in self.layout.sequence_routed if b.layer_index in record.routes]
+        counts = [record.expert_counts(i) for i in self.layout.layer_indices] if self.layout.kind != "dense" else []
+        return routes, counts
+
+    def _reference_pass(self, inputs: Mapping) -> Mapping:
+        """With moe.router_input=frozen_backbone: run the backbone with the dense FFNs the MoE blocks replaced (no
+        gradient, no cache) up to the input of the last sequence-routed layer, recording T_mean entering every
+        sequence-routed layer for the routers. Returns the inputs for the pass that follows: with the images
+        encoded once for both passes, where the vision tower is frozen."""
+        ctx = self.layout.context
+        if not ctx.routers_read_reference:
+            return inputs
+        vision_trains = any(p.requires_grad for layer in self.adapter.vision_layers(self.backbone)
+                            for p in layer.parameters())
+        with torch.no_grad():
+            if not vision_trains:
+                inputs = self.adapter.encode_images(self.backbone, dict(inputs))
+            ctx.reference_pass = True
+            try:
+                self.adapter.inner_model(self.backbone)(**inputs, use_cache=False)
+            except ReferencePassComplete:
+                pass
+            finally:
+                ctx.reference_pass = False
+        return inputs
+
+    def forward(self, batch: Mapping, with_loss: bool = True, route_source: str = "router",
+                shuffle: Optional[torch.Tensor] = None, recentre_routers: bool = False) -> MoEOutput:
+        """Teacher-forced forward on prompt + answer. `route_source`: what picks the skill experts (router | labels |
+        shuffled; training with moe.teacher_forcing passes "labels"). `recentre_routers`: a fine-tuning step, where
+        the routers' input shift follows the batch (moe.router_recentre_momentum)."""
+        moe = self.cfg.moe
         inputs = self.adapter.model_inputs(batch)
         labels = batch.get("labels") if with_loss else None
-        with self.routing(batch.get("prompt_mask"), batch.get("skill_labels")) as ctx:
-            out = self.backbone(**inputs, labels=labels, use_cache=False)
-            aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
-        out.aux_loss = aux
-        return out
-
-    def skill_chain(self) -> List[LayerRoute]:
-        """The routes of the last forward (or generation prefill), one entry per MoSE layer."""
-        chain = []
-        for block in self.layout.sequence_routed:
-            route = block.last_route
-            if route is None:
-                continue
-            chain.append(LayerRoute(block.layer_index, block.level_name, route.expert.tolist(),
-                                    route.prob.detach().float().tolist()))
-        return chain
-
-    def expert_counts(self) -> List[Optional[torch.Tensor]]:
-        """Rows (samples for MoSE, tokens otherwise) each expert received in the last forward, per MoE layer."""
-        return [getattr(b, "last_expert_counts", None) for b in self.layout.blocks]
+        record = self._begin(batch, batch.get("prompt_mask"), route_source, shuffle=shuffle)
+        inputs = self._reference_pass(inputs)
+        self.layout.context.recentre_momentum = moe.router_recentre_momentum if recentre_routers else 0.0
+        out = self.backbone(**inputs, labels=labels, use_cache=False)
+        routes, counts = self._routing(record)
+        aux_losses: Dict[str, torch.Tensor] = {}
+        if record.aux:
+            aux_losses["load_balancing"] = torch.stack([a["load_balancing"] for a in record.aux.values()]).sum()
+            aux_losses["z_loss"] = torch.stack([a["z_loss"] for a in record.aux.values()]).sum()
+        weighted = []
+        if "load_balancing" in aux_losses:
+            weighted += [moe.aux_loss_coef * aux_losses["load_balancing"], moe.z_loss_coef * aux_losses["z_loss"]]
+        if moe.router_skill_loss > 0 and routes and batch.get("skill_labels") is not None and torch.is_grad_enabled():
+            aux_losses["router_skill"] = skill_routing_loss(routes, batch["skill_labels"], self.level_names)
+            weighted.append(moe.router_skill_loss * aux_losses["router_skill"])
+        aux_loss = torch.stack(weighted).sum() if weighted else None
+        return MoEOutput(getattr(out, "loss", None), out.logits, aux_loss, aux_losses, routes, counts)
 
     @torch.no_grad()
-    def generate(self, batch: Dict[str, torch.Tensor], max_new_tokens: int, reroute_every_step: bool = False,
-                 teacher_forcing: bool = False, **generate_kwargs) -> torch.Tensor:
-        """Greedy single-round generation from a left-padded prompt batch; returns only the new tokens.
+    def generate(self, batch: Mapping, max_new_tokens: int, reroute_every_step: bool = False,
+                 route_source: str = "router", shuffle: Optional[torch.Tensor] = None,
+                 **generate_kwargs) -> GenerationOutput:
+        """Greedy single-round generation from a left-padded prompt batch; returns only the new tokens, with the
+        routes decided on the prompt.
 
         MoSE routing is decided once on the prompt and reused for every generated token. With
         `reroute_every_step` the KV cache is off and every step re-runs the whole sequence through the routers
         (prompt tokens only, as in training): the reference the cached path is tested against.
         The routers decide, also for a model trained with `moe.teacher_forcing`: the batch's skill labels are
-        ground truth that inference must not see. `teacher_forcing=True` routes by them (oracle routing).
+        ground truth that inference must not see. `route_source="labels"` routes by them (oracle routing),
+        "shuffled" takes sample `shuffle[i]`'s route for sample i (a control).
         """
         inputs = self.adapter.model_inputs(batch)
         prompt_length = inputs["input_ids"].shape[1]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        with self.routing(None, batch.get("skill_labels"), prompt_length=prompt_length, teacher_forcing=teacher_forcing):
-            sequences = self.backbone.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=not reroute_every_step,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **generate_kwargs,
-            )
-        return sequences[:, prompt_length:]
+        # Without a processor (random weights of an architecture) the backbone's generation config decides.
+        special = {} if tokenizer is None else {"pad_token_id": tokenizer.pad_token_id,
+                                                "eos_token_id": tokenizer.eos_token_id}
+        record = self._begin(batch, None, route_source, prompt_length, shuffle)
+        inputs = self._reference_pass(inputs)
+        sequences = self.backbone.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=not reroute_every_step,
+            **special,
+            **generate_kwargs,
+        )
+        routes, counts = self._routing(record)
+        return GenerationOutput(sequences[:, prompt_length:], routes, counts)
 
 
-def build_model(cfg: ExperimentConfig, meta: bool = False, load_routers: bool = True) -> MoEVisionLanguageModel:
-    """Backbone + surgery + freezing (+ pretrained routers) for `cfg`. `meta=True`: shapes only, no weights."""
+def build_model(cfg: ExperimentConfig, meta: bool = False, backbone_state: Optional[Mapping] = None,
+                router_state: Optional[Mapping] = None, router_source: str = "routers",
+                random_weights_on: Optional[torch.device] = None) -> MoEVisionLanguageModel:
+    """Backbone + surgery + freezing for `cfg`. `meta=True`: shapes only, no weights. `random_weights_on`: the
+    architecture with randomly initialised weights on that device and no processor (benchmarks of a real size
+    without its weights). `backbone_state`: backbone parameters (by name) to overlay before surgery (an
+    instruction-tuned dense model); `router_state`: pretrained skill routers (`routers.pt`), loaded after surgery."""
     adapter = get_adapter(cfg.backbone.name)
     taxonomy = load_taxonomy(cfg.skills.taxonomy)
-    if meta:
+    if meta or random_weights_on is not None:
         backbone, processor = adapter.build_meta(cfg.backbone), None
+        if random_weights_on is not None:
+            with torch.device(random_weights_on):
+                backbone = type(backbone)._from_config(backbone.config, dtype=backbone.dtype,
+                                                       attn_implementation=cfg.backbone.attn_implementation)
     else:
         backbone, processor = adapter.load(cfg.backbone)
-        if cfg.backbone.init_checkpoint:
-            from mose_lightning.checkpoint import load_backbone_weights
-
-            load_backbone_weights(backbone, cfg.backbone.init_checkpoint)
+    if backbone_state is not None:
+        load_state_into(backbone, backbone_state, "backbone.init_checkpoint")
     layout = apply_moe(backbone, adapter, cfg.moe, taxonomy)
     set_trainable(backbone, layout, cfg.moe)
-    if cfg.moe.router_checkpoint and load_routers and not meta and cfg.moe.kind in ("mose", "expert_group"):
-        path = resolve_path(cfg.moe.router_checkpoint)
-        if not path.is_file():
-            raise ConfigError(f"moe.router_checkpoint: no file at {cfg.moe.router_checkpoint}")
-        load_router_state(layout, torch.load(path, map_location="cpu", weights_only=True), str(path))
+    if router_state is not None:
+        load_router_state(layout, router_state, router_source)
     return MoEVisionLanguageModel(backbone, processor, adapter, layout, cfg, taxonomy)
+
+
+def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy `state` (parameter or buffer name -> tensor) into `module`, each name and shape checked first."""
+    own = dict(module.named_parameters())
+    own.update(module.named_buffers())
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise ConfigError(f"{source}: checkpoint has tensors this model lacks: {unknown[:5]}")
+    for name, tensor in state.items():
+        if own[name].shape != tensor.shape:
+            raise ConfigError(
+                f"{source}: {name} has shape {tuple(tensor.shape)} in the checkpoint, {tuple(own[name].shape)} in the model"
+            )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor.to(own[name].dtype))

@@ -11,8 +11,8 @@ from mose_lightning.checkpoint import load_model
 from mose_lightning.config import ConfigError
 from mose_lightning.data.encode import EncodeSettings, SampleEncoder, collate
 from mose_lightning.data.sample import Sample, encode_jpeg
-from mose_lightning.stages.evaluate import chain_records, decode_new_tokens
-from mose_lightning.stages.sft import model_dir_of
+from mose_lightning.evaluation.routing_metrics import skill_chains
+from mose_lightning.stages.evaluate import decode_new_tokens
 
 
 def _with_box(image: Image.Image, box: Sequence[float]) -> Image.Image:
@@ -27,7 +27,7 @@ def _with_box(image: Image.Image, box: Sequence[float]) -> Image.Image:
 
 def predict_one(checkpoint: str, images: Sequence[str], question: str, box: Optional[Sequence[float]] = None,
                 max_new_tokens: int = 128) -> Tuple[str, List[Dict]]:
-    model = load_model(model_dir_of(checkpoint))
+    model = load_model(checkpoint)
     model.eval()
     pil = []
     for path in images:
@@ -44,5 +44,6 @@ def predict_one(checkpoint: str, images: Sequence[str], question: str, box: Opti
                                            d.system_prompt or None, with_answer=False))
     tokenizer = getattr(model.processor, "tokenizer", model.processor)
     batch = collate([encoder(sample)], tokenizer.pad_token_id, "left")
-    tokens = model.generate(batch, max_new_tokens)
-    return decode_new_tokens(model, tokens)[0], chain_records(model, 0)
+    generated = model.generate(batch, max_new_tokens)
+    chains = skill_chains(generated.routes, model.taxonomy)
+    return decode_new_tokens(model, generated.tokens)[0], chains[0] if chains else []

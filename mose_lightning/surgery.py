@@ -7,8 +7,8 @@ The same `moe` config section yields the four model variants of the paper's Tabl
   expert_group  MoSE blocks scaled to one image and one text expert per skill.
 
 Routing inputs travel through a `RoutingContext` shared by the blocks of one model:
-  * a forward pre-hook on the whole model records the attention mask, the image-token positions and whether the
-    forward is a cached decode step, and (when the caller did not set one) takes the prompt mask from the
+  * a forward pre-hook on the vision-language model under the LM head (every forward and decode step passes it)
+    records the attention mask, the image-token positions and whether the forward is a cached decode step, and (when the caller did not set one) takes the prompt mask from the
     attention mask: a generation prefill is all prompt;
   * a forward pre-hook on each MoSE decoder layer hands the hidden states *entering the layer* (the previous
     layer's output, T_mean in the paper) to the block's router before attention runs.
@@ -17,6 +17,7 @@ Hooks are not state: `apply_moe` reinstalls them whenever a model is built or lo
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from mose_lightning.config import ConfigError, MoEConfig
-from mose_lightning.moe import ExpertGroupBlock, MoSEBlock, RoutingContext, TopKMoEBlock
+from mose_lightning.moe import ExpertGroupBlock, MoSEBlock, RoutingContext, TopKMoEBlock, is_sequence_routed
 from mose_lightning.skills import SkillTaxonomy, level_of_layers, split_evenly
 
 
@@ -62,7 +63,7 @@ class MoELayout:
 
     @property
     def sequence_routed(self) -> List[nn.Module]:
-        return [b for b in self.blocks if isinstance(b, (MoSEBlock, ExpertGroupBlock))]
+        return [b for b in self.blocks if is_sequence_routed(b)]
 
 
 def level_layout(moe: MoEConfig, num_moe_layers: int, taxonomy: Optional[SkillTaxonomy]) -> tuple:
@@ -89,14 +90,13 @@ def _install_model_hook(model: nn.Module, layout: MoELayout, image_token_id: Opt
         ctx.attention_mask = attention_mask if attention_mask is not None and input_ids is not None and attention_mask.shape == input_ids.shape else None
         if input_ids is not None and image_token_id is not None:
             ctx.image_mask = input_ids == image_token_id
-        if not ctx.decoding and not getattr(ctx, "explicit_prompt_mask", False):
+        if not ctx.decoding and not ctx.explicit_prompt_mask:
             # A forward without an explicit prompt mask is a generation prefill (or a full re-run when routing is
             # recomputed every step): the prompt is the first `prompt_length` tokens, padding excluded.
             if attention_mask is not None and input_ids is not None:
                 mask = attention_mask.bool().clone()
-                prompt_length = getattr(ctx, "prompt_length", None)
-                if prompt_length is not None and mask.shape[1] > prompt_length:
-                    mask[:, prompt_length:] = False
+                if ctx.prompt_length is not None and mask.shape[1] > ctx.prompt_length:
+                    mask[:, ctx.prompt_length:] = False
                 ctx.prompt_mask = mask
             else:
                 ctx.prompt_mask = None
@@ -106,6 +106,8 @@ def _install_model_hook(model: nn.Module, layout: MoELayout, image_token_id: Opt
 
 
 def _install_layer_hook(layer: nn.Module, block: nn.Module):
+    block.routed_by_layer_hook = True
+
     def before_layer(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         block.route(hidden)
@@ -140,7 +142,7 @@ def apply_moe(
         if moe.kind == "topk":
             block = TopKMoEBlock.upcycle(
                 dense, moe.num_experts, moe.top_k, activation, ctx, layer_index, moe.shared_expert, moe.combine,
-                moe.shared_weight, moe.aux_loss_coef, moe.z_loss_coef, moe.dispatch,
+                moe.shared_weight, moe.dispatch,
             )
         else:
             level_name = levels[position]
@@ -148,12 +150,20 @@ def apply_moe(
                 dense, moe.num_experts, activation, ctx, taxonomy.level_names.index(level_name), level_name,
                 layer_index, moe.shared_expert, moe.combine, moe.shared_weight, moe.dispatch,
             )
+            if moe.router_input == "frozen_backbone":
+                block.reference_ffn = copy.deepcopy(dense).requires_grad_(False)
             if moe.kind == "expert_group":
                 block = ExpertGroupBlock.from_mose(block)
             layout.hooks.append(_install_layer_hook(layer, block))
         layer.mlp = block
         layout.blocks.append(block)
-    layout.hooks.append(_install_model_hook(model, layout, adapter.image_token_id(model)))
+    ctx.routers_read_reference = moe.kind in ("mose", "expert_group") and moe.router_input == "frozen_backbone"
+    if moe.kind in ("mose", "expert_group") and moe.router_input == "first_moe_layer":
+        # Every router reads T_mean entering the first MoSE layer: only MoE blocks train, so nothing before that
+        # layer changes during fine-tuning, and the routers see the inputs they were pretrained on.
+        ctx.router_input_layer = indices[0]
+    ctx.reference_last_layer = max((b.layer_index for b in layout.sequence_routed), default=None)
+    layout.hooks.append(_install_model_hook(adapter.inner_model(model), layout, adapter.image_token_id(model)))
     return layout
 
 
@@ -173,7 +183,7 @@ def convert_to_expert_groups(model: nn.Module, adapter, layout: MoELayout) -> Mo
         new_blocks.append(group)
     layout.blocks = new_blocks
     layout.kind = "expert_group"
-    layout.hooks.append(_install_model_hook(model, layout, adapter.image_token_id(model)))
+    layout.hooks.append(_install_model_hook(adapter.inner_model(model), layout, adapter.image_token_id(model)))
     return layout
 
 
@@ -183,7 +193,9 @@ def set_trainable(model: nn.Module, layout: MoELayout, moe: MoEConfig) -> Dict[s
         param.requires_grad_(False)
     for block in layout.blocks:
         for name, param in block.named_parameters():
-            is_skill_router = name.startswith("router.") and isinstance(block, (MoSEBlock, ExpertGroupBlock))
+            if name.startswith("reference_ffn."):
+                continue  # the frozen dense FFN of the reference pass
+            is_skill_router = name.startswith("router.") and is_sequence_routed(block)
             param.requires_grad_(moe.router_trainable or not is_skill_router)
     if moe.extra_trainable:
         matched = 0
@@ -202,21 +214,36 @@ def skill_routers(layout: MoELayout) -> Dict[int, nn.Module]:
     return {block.layer_index: block.router for block in layout.sequence_routed}
 
 
+def router_state(layout: MoELayout) -> Dict[str, torch.Tensor]:
+    """The skill routers' tensors as `routers.pt` stores them (keys `layer{idx}.<name>`)."""
+    return {f"layer{idx}.{name}": value.detach().cpu() for idx, router in skill_routers(layout).items()
+            for name, value in router.state_dict().items()}
+
+
+# Router tensors that files written before routers kept their input standardisation lack; they default to the
+# identity (the standardisation was folded into the classifier then).
+_OPTIONAL_ROUTER_KEYS = ("input_shift", "input_scale")
+
+
 def load_router_state(layout: MoELayout, state: Dict[str, torch.Tensor], source: str) -> None:
-    """Load `routers.pt` written by router pretraining (keys `layer{idx}.<param>`), checking it fits."""
+    """Load `routers.pt` written by router pretraining (keys `layer{idx}.<name>`), checking it fits."""
     routers = skill_routers(layout)
     expected = {f"layer{idx}.{name}" for idx, r in routers.items() for name in r.state_dict()}
-    missing, unexpected = expected - set(state), set(state) - expected
+    optional = {key for key in expected if key.rsplit(".", 1)[-1] in _OPTIONAL_ROUTER_KEYS}
+    missing, unexpected = expected - set(state) - optional, set(state) - expected
     if missing or unexpected:
         raise ConfigError(
             f"{source}: router checkpoint does not fit this model (moe.layers / num_experts / backbone differ?): "
             f"missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
         )
     for idx, router in routers.items():
-        sub = {name: state[f"layer{idx}.{name}"] for name in router.state_dict()}
+        own = router.state_dict()
+        sub = {name: state.get(f"layer{idx}.{name}", own[name]) for name in own}
         for name, value in sub.items():
-            if value.shape != router.state_dict()[name].shape:
+            if value.shape != own[name].shape:
                 raise ConfigError(
-                    f"{source}: layer{idx}.{name} has shape {tuple(value.shape)}, expected {tuple(router.state_dict()[name].shape)}"
+                    f"{source}: layer{idx}.{name} has shape {tuple(value.shape)}, expected {tuple(own[name].shape)}"
                 )
+        if f"layer{idx}.input_shift" not in state:
+            sub["input_shift"], sub["input_scale"] = torch.zeros_like(own["input_shift"]), torch.ones_like(own["input_scale"])
         router.load_state_dict(sub)

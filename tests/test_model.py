@@ -61,7 +61,22 @@ def gen_batch(datamodule):
 def dense_outputs(dense, batch, gen_batch):
     with torch.no_grad():
         logits = dense(batch).logits
-    return logits, dense.generate(gen_batch, NEW_TOKENS)
+    return logits, dense.generate(gen_batch, NEW_TOKENS).tokens
+
+
+def _chain(routes):
+    """(layer, level, experts per sample) of each routed layer."""
+    return [(r.layer, r.level, r.expert.tolist()) for r in routes]
+
+
+def _spread_routers(model, batch):
+    """Standardise every router's input with the statistics of this batch's router inputs, as router pretraining
+    does, so that decisive random routers send the samples to different experts."""
+    with torch.no_grad():
+        out = model(batch, with_loss=False) if "labels" in batch else model.generate(batch, 1)
+    for block, route in zip(model.layout.sequence_routed, out.routes):
+        block.router.set_standardisation(block.router.normalise(route.pooled))
+    return model
 
 
 def _perturb(model, seed=0, expert_std=0.05, router_std=3.0):
@@ -91,56 +106,53 @@ def test_upcycled_model_computes_the_dense_model(make_config, kind, combine, bat
         logits = model(batch).logits
     assert logits.shape == dense_logits.shape
     torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
-    tokens = model.generate(gen_batch, NEW_TOKENS)
+    tokens = model.generate(gen_batch, NEW_TOKENS).tokens
     assert torch.equal(tokens, dense_tokens)
 
 
 # ---- 2. generation: cached routing reuse == re-routing every step ------------------------------------------------
 
 
+@pytest.mark.parametrize("router_input", ["own_layer", "frozen_backbone"])
 @pytest.mark.parametrize("kind", ["mose", "expert_group"])
-def test_cached_generation_matches_rerouting_every_step(make_config, gen_batch, dense_outputs, kind):
+def test_cached_generation_matches_rerouting_every_step(make_config, gen_batch, dense_outputs, kind, router_input):
     """With the KV cache, routes come from the prompt and decode steps run the slot path; re-routing every step
     runs the whole sequence through the loop kernel each time. Same tokens, same skill chain."""
-    model = _perturb(build_model(make_config(f"moe.kind={kind}")))
+    model = _perturb(build_model(make_config(f"moe.kind={kind}", f"moe.router_input={router_input}")))
+    _spread_routers(model, gen_batch)
     cached = model.generate(gen_batch, NEW_TOKENS)
-    chain_cached = model.skill_chain()
     rerouted = model.generate(gen_batch, NEW_TOKENS, reroute_every_step=True)
-    chain_rerouted = model.skill_chain()
 
     # The perturbation is strong enough to matter: samples take different experts, and the output is no longer
     # the dense model's (so identical tokens below are not trivially explained by equal experts).
-    assert len(chain_cached) == 4
-    assert any(len(set(route.expert)) > 1 for route in chain_cached)
-    assert not torch.equal(cached, dense_outputs[1])
+    assert len(cached.routes) == 4
+    assert any(len(set(route.expert.tolist())) > 1 for route in cached.routes)
+    assert not torch.equal(cached.tokens, dense_outputs[1])
 
-    assert torch.equal(cached, rerouted)
-    assert [(r.layer, r.level, r.expert) for r in chain_cached] == [(r.layer, r.level, r.expert) for r in chain_rerouted]
-    for a, b in zip(chain_cached, chain_rerouted):
-        assert a.prob == pytest.approx(b.prob, abs=1e-5)
+    assert torch.equal(cached.tokens, rerouted.tokens)
+    assert _chain(cached.routes) == _chain(rerouted.routes)
+    for a, b in zip(cached.routes, rerouted.routes):
+        torch.testing.assert_close(a.prob, b.prob, atol=1e-5, rtol=1e-5)
 
 
 def test_generation_routes_on_the_prompt_only(make_config, gen_batch):
     """The route of a generated batch equals the route of a plain forward over the same prompts."""
-    model = _perturb(build_model(make_config("moe.kind=mose")), seed=1)
-    model.generate(gen_batch, 3)
-    chain = [r.expert for r in model.skill_chain()]
+    model = _perturb(build_model(make_config("moe.kind=mose", "moe.router_input=own_layer")), seed=1)
+    generated = model.generate(gen_batch, 3)
     prompt_only = {k: v for k, v in gen_batch.items() if k != "labels"}
     prompt_only["prompt_mask"] = gen_batch["attention_mask"].bool()
     with torch.no_grad():
-        model(prompt_only, with_loss=False)
-    assert chain == [r.expert for r in model.skill_chain()]
+        out = model(prompt_only, with_loss=False)
+    assert _chain(generated.routes) == _chain(out.routes)
 
 
 @pytest.mark.parametrize("kind", ["mose", "expert_group", "topk"])
 def test_expert_usage_after_generation_is_the_prompts(make_config, gen_batch, kind):
     """What evaluation's expert-usage plot reads after a generation: every block's counts of the prompt's forward
     (prefill), not of the last decode step. MoSE counts samples per expert, the token-routed blocks tokens."""
-    model = _perturb(build_model(make_config(f"moe.kind={kind}")), seed=2)
-    model.generate(gen_batch, 1)  # the prefill alone
-    prompt = [c.clone() for c in model.expert_counts()]
-    model.generate(gen_batch, NEW_TOKENS)
-    after = model.expert_counts()
+    model = _perturb(build_model(make_config(f"moe.kind={kind}", "moe.router_input=own_layer")), seed=2)
+    prompt = model.generate(gen_batch, 1).expert_counts  # the prefill alone
+    after = model.generate(gen_batch, NEW_TOKENS).expert_counts
     batch_size, prompt_len = gen_batch["input_ids"].shape
     per_layer = batch_size if kind == "mose" else batch_size * prompt_len
     assert len(prompt) == len(after) == 4
@@ -152,63 +164,69 @@ def test_expert_usage_after_generation_is_the_prompts(make_config, gen_batch, ki
 # ---- 3. teacher forcing ---------------------------------------------------------------------------------------------
 
 
-def _expected_router_choice(model, batch):
+def _expected_router_choice(model, batch, hidden_from=None):
     """Independent expectation: argmax of each MoSE router on the mean of the prompt tokens entering its layer,
-    taken from the backbone's own hidden-state outputs (hidden_states[i] is the input of decoder layer i)."""
-    inputs = model.adapter.model_inputs(batch)
-    with torch.no_grad(), model.routing(batch["prompt_mask"], None):
-        out = model.backbone(**inputs, use_cache=False, output_hidden_states=True)
+    taken from the hidden-state outputs (hidden_states[i] is the input of decoder layer i) of `hidden_from`: the
+    model's own backbone, or another model's (the dense model, for routers reading the frozen backbone)."""
+    source = hidden_from or model
+    inputs = source.adapter.model_inputs(batch)
+    source.layout.context.begin(batch["prompt_mask"])
+    with torch.no_grad():
+        out = source.backbone(**inputs, use_cache=False, output_hidden_states=True)
     expected = []
     for block in model.layout.sequence_routed:
         hidden = out.hidden_states[block.layer_index].float()
         mask = batch["prompt_mask"].float().unsqueeze(-1)
         pooled = (hidden * mask).sum(1) / mask.sum(1)
         normed = pooled / pooled.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        normed = (normed - block.router.input_shift) * block.router.input_scale
         logits = normed @ block.router.classifier.weight.float().T + block.router.classifier.bias.float()
         expected.append(logits.argmax(-1).tolist())
     return expected
 
 
+@pytest.mark.parametrize("router_input", ["own_layer", "frozen_backbone"])
 @pytest.mark.parametrize("teacher_forcing", [True, False])
-def test_routing_follows_teacher_labels_or_router(make_config, batch, teacher_forcing):
-    model = _perturb(build_model(make_config("moe.kind=mose", f"moe.teacher_forcing={str(teacher_forcing).lower()}")),
-                     seed=2)
+def test_routing_follows_teacher_labels_or_router(make_config, batch, teacher_forcing, router_input, dense):
+    """The router decides from the prompt's mean entering its layer: in the model as it is (own_layer) or in the
+    dense backbone (frozen_backbone: the experts' perturbation must not change the routing); the labels decide
+    where teacher-forced and labelled."""
+    model = _perturb(build_model(make_config("moe.kind=mose", f"moe.router_input={router_input}")), seed=2)
+    _spread_routers(model, batch)
     labels = batch["skill_labels"].clone()
     assert labels.shape == (4, 3) and (labels >= 0).all()
     labels[0] = -1  # an unannotated sample: the router decides for it even under teacher forcing
     routed = dict(batch, skill_labels=labels)
     with torch.no_grad():
-        model(routed)
-    chain = model.skill_chain()
-    router_choice = _expected_router_choice(model, batch)
-    assert [r.level for r in chain] == ["perception", "prediction", "planning", "planning"]
+        out = model(routed, route_source="labels" if teacher_forcing else "router")
+    chain = _chain(out.routes)
+    router_choice = _expected_router_choice(model, batch, dense if router_input == "frozen_backbone" else None)
+    assert [level for _, level, _ in chain] == ["perception", "prediction", "planning", "planning"]
     level_index = {"perception": 0, "prediction": 1, "planning": 2}
-    for route, from_router in zip(chain, router_choice):
+    for (_, level, expert), from_router in zip(chain, router_choice):
         if teacher_forcing:
-            expected = [from_router[0]] + labels[1:, level_index[route.level]].tolist()
+            expected = [from_router[0]] + labels[1:, level_index[level]].tolist()
         else:
             expected = from_router
-        assert route.expert == expected, route
+        assert expert == expected, level
     if teacher_forcing:
         # Forcing makes a difference for this batch (else the test would not tell the two apart).
-        assert any(r.expert[1:] != c[1:] for r, c in zip(chain, router_choice))
+        assert any(e[1:] != c[1:] for (_, _, e), c in zip(chain, router_choice))
 
 
 def test_generation_routes_by_router_even_for_a_teacher_forced_model(make_config, gen_batch):
     """Test-time skill labels are ground truth: generation must not route by them unless asked to (oracle)."""
-    model = _perturb(build_model(make_config("moe.kind=mose", "moe.teacher_forcing=true")), seed=2)
+    model = _perturb(build_model(make_config("moe.kind=mose", "moe.teacher_forcing=true", "moe.router_input=own_layer")),
+                     seed=2)
     labels = gen_batch["skill_labels"]
     assert (labels >= 0).all()
-    model.generate(gen_batch, 2)
-    by_router = [r.expert for r in model.skill_chain()]
-    model.generate(gen_batch, 2, teacher_forcing=True)
-    oracle = [r.expert for r in model.skill_chain()]
+    by_router = [e for _, _, e in _chain(model.generate(gen_batch, 2).routes)]
+    oracle = [e for _, _, e in _chain(model.generate(gen_batch, 2, route_source="labels").routes)]
     level_index = {"perception": 0, "prediction": 1, "planning": 2}
     assert oracle == [labels[:, level_index[block.level_name]].tolist() for block in model.layout.sequence_routed]
     assert by_router != oracle
-    plain = _perturb(build_model(make_config("moe.kind=mose")), seed=2)
-    plain.generate(gen_batch, 2)
-    assert by_router == [r.expert for r in plain.skill_chain()]
+    plain = _perturb(build_model(make_config("moe.kind=mose", "moe.router_input=own_layer")), seed=2)
+    assert by_router == [e for _, _, e in _chain(plain.generate(gen_batch, 2).routes)]
 
 
 # ---- 4. what trains -------------------------------------------------------------------------------------------------
@@ -249,7 +267,7 @@ def test_gradients_reach_only_trainable_parameters(make_config, batch, router_tr
     # Shared experts and the stacked skill experts learn (the chosen experts' slices at least).
     for block_name in [n for n in trainable if n.endswith("experts.gate_up_proj")]:
         assert _has_grad(params[block_name])
-    assert all(_has_grad(params[n]) for n in trainable if ".mlp.shared." in n)
+    assert all(_has_grad(params[n]) for n in trainable if ".mlp.experts.shared." in n)
     # Nothing outside the MoE blocks has a gradient.
     assert not any(p.grad is not None for n, p in params.items() if ".mlp." not in n)
 
@@ -300,9 +318,10 @@ def test_save_load_round_trip_is_bit_identical(saved, batch):
     assert sorted(os.listdir(directory)) == ["config.yaml", "model.json", "weights.safetensors"]
     loaded = load_model(directory, expected=model.cfg)
     with torch.no_grad():
-        again = loaded(batch).logits
-    assert torch.equal(again, logits)
-    assert [r.expert for r in loaded.skill_chain()] == [r.expert for r in model.skill_chain()]
+        again = loaded(batch)
+        before = model(batch)
+    assert torch.equal(again.logits, logits)
+    assert _chain(again.routes) == _chain(before.routes)
 
 
 def test_saving_a_model_whose_layers_are_wrapped_as_under_fsdp(saved, batch, tmp_path):
@@ -310,7 +329,7 @@ def test_saving_a_model_whose_layers_are_wrapped_as_under_fsdp(saved, batch, tmp
     saved, the backbone fingerprint and the loaded model are the unwrapped model's, given the gathered state."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from mose_lightning.checkpoint import backbone_fingerprint, saved_parameter_names
+    from mose_lightning.checkpoint import backbone_fingerprint, saved_tensor_names
 
     model, directory, logits = saved
     wrapped = copy.deepcopy(model)
@@ -318,7 +337,7 @@ def test_saving_a_model_whose_layers_are_wrapped_as_under_fsdp(saved, batch, tmp
     for i in range(len(layers)):
         layers[i] = checkpoint_wrapper(layers[i])
     assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.backbone.named_parameters())
-    assert saved_parameter_names(wrapped) == saved_parameter_names(model)
+    assert saved_tensor_names(wrapped) == saved_tensor_names(model)
     gathered = copy.deepcopy(model.backbone.state_dict())  # what an FSDP run gathers: clean names
     assert backbone_fingerprint(wrapped, gathered) == backbone_fingerprint(model)
     again = save_model(wrapped, tmp_path / "model", full_state=gathered)
@@ -504,30 +523,43 @@ def test_activation_checkpointing_gives_the_same_gradients(make_config, batch):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_package_import_turns_on_huge_pages_for_cpu_allocations_unless_set():
-    """THP_MEM_ALLOC_ENABLE must be in the environment before PyTorch's first large allocation."""
-    code = "import mose_lightning, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+def test_importing_the_package_changes_nothing_in_the_process():
+    """No environment variable set, no allocator setting changed: a freed 64 MB tensor is unmapped as glibc does
+    by default (the resident size drops by it)."""
+    code = (
+        "import os, resource, mose_lightning, mose_lightning.cli, mose_lightning.model, torch\n"
+        "def resident():\n"
+        "    with open('/proc/self/statm') as f:\n"
+        "        return int(f.read().split()[1]) * resource.getpagesize()\n"
+        "grad = torch.empty(16 * 1024 * 1024).fill_(1.0)\n"
+        "held = resident()\n"
+        "del grad\n"
+        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), held - resident())\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "1"
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"}, capture_output=True,
-                         text=True, check=True)
-    assert out.stdout.strip() == "0"
+    thp, released = out.stdout.split()
+    assert thp == "None" and int(released) >= 56 * 1024 * 1024, out.stdout
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and Linux page-fault counts")
-def test_package_import_makes_freed_cpu_memory_reused_by_later_steps():
-    """A 64 MB gradient-sized tensor freed at the end of a step stays in the process (glibc neither unmaps nor
-    trims it), so later steps' tensors reuse its pages instead of faulting fresh ones in; with
-    MOSE_REUSE_FREED_CPU_MEMORY=0 glibc unmaps it on free (the resident size drops by it) and every step faults in
-    every page again (at least 32: one per 2 MB huge page, more where the kernel falls back to 4 KiB pages).
+def test_cpu_allocator_tuning_makes_freed_memory_reused_by_later_steps():
+    """After `tune_cpu_allocator()` (what CPU training commands call) huge pages are on and a 64 MB gradient-sized
+    tensor freed at the end of a step stays in the process (glibc neither unmaps nor trims it), so later steps'
+    tensors reuse its pages instead of faulting fresh ones in; without it glibc unmaps it on free (the resident
+    size drops by it) and every step faults in every page again (at least 32: one per 2 MB huge page, more where
+    the kernel falls back to 4 KiB pages).
 
     Which later step first reuses it is glibc's business: it pads a page-aligned request, so a freed chunk can be a
     little too small for the next one until its neighbours are free too. Beside a running test suite, 50 runs of
     16 steps allocated anew for up to seven steps after the first, then reused every step; on an idle machine at
     most the second step allocates anew. So: memory kept on free, and reuse within the 16 steps."""
     code = (
-        "import resource, mose_lightning, torch\n"
+        "import os, resource, sys, torch\n"
+        "from mose_lightning.cpu_memory import tune_cpu_allocator\n"
+        "if sys.argv[1] == 'tuned':\n"
+        "    assert tune_cpu_allocator() == {'huge_pages': True, 'keep_freed_memory': True}\n"
+        "    assert os.environ['THP_MEM_ALLOC_ENABLE'] == '1'\n"
         "def resident():\n"
         "    with open('/proc/self/statm') as f:\n"
         "        return int(f.read().split()[1]) * resource.getpagesize()\n"
@@ -543,13 +575,24 @@ def test_package_import_makes_freed_cpu_memory_reused_by_later_steps():
         "print(*released)\n"
     )
     mib = 1024 * 1024
-    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "MOSE_REUSE_FREED_CPU_MEMORY")}
-    reused = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    reused = subprocess.run([sys.executable, "-c", code, "tuned"], env=env, capture_output=True, text=True, check=True)
     faults, released = (list(map(int, line.split())) for line in reused.stdout.splitlines())
     assert max(released) < 8 * mib, reused.stdout
     assert min(faults) < 32, reused.stdout
-    env["MOSE_REUSE_FREED_CPU_MEMORY"] = "0"
-    fresh = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    fresh = subprocess.run([sys.executable, "-c", code, "plain"], env=env, capture_output=True, text=True, check=True)
     faults, released = (list(map(int, line.split())) for line in fresh.stdout.splitlines())
     assert min(released) >= 56 * mib, fresh.stdout
     assert min(faults) >= 32, fresh.stdout
+
+
+def test_training_commands_apply_the_cpu_allocator_settings_evaluation_does_not(make_config, monkeypatch):
+    from mose_lightning import cli, cpu_memory
+
+    calls = []
+    monkeypatch.setattr(cpu_memory, "tune_cpu_allocator", lambda: calls.append(1))
+    cli.apply_cpu_training_settings(make_config("trainer.accelerator=cpu"))
+    assert calls == [1]
+    cli.apply_cpu_training_settings(make_config("trainer.accelerator=cpu", "trainer.cpu_allocator_tuning=false"))
+    cli.apply_cpu_training_settings(make_config("trainer.accelerator=gpu"))
+    assert calls == [1]

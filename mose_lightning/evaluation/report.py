@@ -216,6 +216,25 @@ def partial_table(partial: Mapping, limit: int = 20) -> Table:
     return Table("Partial evaluation: samples not scored", ["Reason", "Samples", "Keys / shards"], rows, notes)
 
 
+def routing_table(routing: Mapping, meta: Mapping) -> Table:
+    """Routing accuracy of the evaluated model (its routes while generating, against the samples' skill labels) per
+    MoE layer and per level, beside the router-pretraining held-out accuracy of the routers it started from."""
+    pretrain = meta.get("router_pretrain_accuracy") or {}
+    levels = routing.get("level_of_layer") or {}
+    rows = [[f"layer {layer}", str(levels.get(layer, "-")), _fmt(acc, 3), _fmt(pretrain.get(levels.get(layer)), 3)]
+            for layer, acc in (routing.get("layers") or {}).items()]
+    rows += [[f"level {level}", level, _fmt(acc, 3), _fmt(pretrain.get(level), 3)]
+             for level, acc in (routing.get("levels") or {}).items()]
+    notes = [
+        f"Evaluated: the expert each MoSE layer chose while generating, against the skill label of its level, over "
+        f"the {routing.get('labelled', '?')} labelled of {routing.get('samples', '?')} evaluated samples.",
+        "Router pretraining: held-out accuracy of the pretrained routers on their cached inputs, before fine-tuning"
+        + ("" if pretrain else " (not known for this model)") + ".",
+    ]
+    return Table("Skill routing", ["MoE layer / level", "Level", "Routing acc (evaluated model)",
+                                   "Router pretraining acc (held-out)"], rows, notes)
+
+
 def results_tables(scores: Mapping, meta: Mapping) -> List[Table]:
     tables: List[Table] = []
     if meta.get("partial"):
@@ -226,6 +245,8 @@ def results_tables(scores: Mapping, meta: Mapping) -> List[Table]:
         tables.append(drivelm_table(scores["drivelm"], meta))
     if scores.get("local"):
         tables.append(local_table(scores["local"]))
+    if scores.get("routing"):
+        tables.append(routing_table(scores["routing"], meta))
     return tables
 
 
@@ -306,7 +327,9 @@ _COMPARE_COLUMNS = [
     ("BLEU-4 (%)", lambda s: ((s.get("local") or {}).get("overall") or {}).get("bleu_4"), 2, 100.0),
     ("ROUGE-L (%)", lambda s: ((s.get("local") or {}).get("overall") or {}).get("rouge_l"), 2, 100.0),
     ("CIDEr", lambda s: ((s.get("local") or {}).get("overall") or {}).get("cider"), 3, 1.0),
-]
+] + [(f"Routing acc {level} (evaluated)",
+      lambda s, level=level: ((s.get("routing") or {}).get("levels") or {}).get(level), 3, 1.0)
+     for level in ("perception", "prediction", "planning")]
 
 
 def _mean_std(values: Sequence[float], digits: int, scale: float) -> str:

@@ -1,29 +1,33 @@
-"""Backbone-agnostic mixture-of-experts building blocks: stacked experts, routers, MoSE / expert-group / top-k."""
+"""Backbone-agnostic mixture-of-experts building blocks: experts, routers, MoSE / expert-group / top-k blocks."""
 
-from mose_lightning.moe.blocks import ExpertGroupBlock, MoSEBlock, TopKMoEBlock
-from mose_lightning.moe.experts import ExpertSlots, StackedSwiGLUExperts, sort_rows_by_expert
+from mose_lightning.moe.blocks import ExpertGroupBlock, MoSEBlock, TopKMoEBlock, is_sequence_routed
+from mose_lightning.moe.experts import DispatchPlan, Experts
 from mose_lightning.moe.routing import (
     RouteDecision,
     RoutingContext,
+    RoutingRecord,
     SequenceSkillRouter,
     TokenTopKRouter,
     load_balancing_loss,
     masked_mean,
     router_z_loss,
+    skill_routing_loss,
 )
 
 __all__ = [
     "ExpertGroupBlock",
     "MoSEBlock",
     "TopKMoEBlock",
-    "ExpertSlots",
-    "StackedSwiGLUExperts",
-    "sort_rows_by_expert",
+    "is_sequence_routed",
+    "DispatchPlan",
+    "Experts",
     "RouteDecision",
     "RoutingContext",
+    "RoutingRecord",
     "SequenceSkillRouter",
     "TokenTopKRouter",
     "load_balancing_loss",
     "masked_mean",
     "router_z_loss",
+    "skill_routing_loss",
 ]

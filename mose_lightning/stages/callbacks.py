@@ -7,30 +7,42 @@ from typing import Optional
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+from mose_lightning.evaluation.routing_metrics import skill_chains
 from mose_lightning.evaluation.plots import (
     expert_usage_figure, experts_similarity, last_layer_experts, weight_similarity_figure,
 )
 
 
 class RoutingVisualisation(pl.Callback):
-    def __init__(self, every_n_steps: int = 0, chains_to_show: int = 4) -> None:
-        self.every_n_steps = every_n_steps
+    """Accumulates expert usage from the steps' outputs and shows it, the skill chains of the first validation
+    batch and the last layer's expert similarity in TensorBoard at every validation and at the end of training."""
+
+    def __init__(self, chains_to_show: int = 4) -> None:
         self.chains_to_show = chains_to_show
         self._chains = []
+        self._usage: Optional[torch.Tensor] = None
 
     def _experiment(self, trainer):
         logger = trainer.logger
         return getattr(logger, "experiment", None) if logger is not None else None
 
+    def _add_usage(self, outputs) -> None:
+        counts = [c for c in (outputs or {}).get("expert_counts") or [] if c is not None]
+        if counts and len({c.numel() for c in counts}) == 1:
+            usage = torch.stack([c.float() for c in counts])  # summed on the device: no sync per step
+            self._usage = usage if self._usage is None else self._usage + usage
+
     def _emit(self, trainer: pl.Trainer, module) -> None:
         writer = self._experiment(trainer)
         similarity = _last_layer_similarity(trainer, module)  # a collective under FSDP: every rank takes part
+        usage, self._usage = self._usage, None
         if writer is None or not trainer.is_global_zero:
             return
+        usage = None if usage is None else usage.cpu()
         step = trainer.global_step
-        usage = module.take_usage()
         if usage is not None:
             labels = [f"L{i}" for i in module.model.layout.layer_indices][: usage.shape[0]]
             fig = expert_usage_figure(usage.numpy(), labels)
@@ -48,18 +60,13 @@ class RoutingVisualisation(pl.Callback):
             self._chains = []
 
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._add_usage(outputs)
         if batch_idx != 0 or not trainer.is_global_zero:
             return
-        chain = module.model.skill_chain()
         taxonomy = module.model.taxonomy
+        chains = skill_chains((outputs or {}).get("routes") or [], taxonomy)
         for i, meta in enumerate(batch["meta"][: self.chains_to_show]):
-            parts = []
-            for route in chain:
-                try:
-                    skill = taxonomy.level(route.level).skill_for_expert(route.expert[i]).name
-                except KeyError:  # an expert no skill maps to
-                    skill = f"expert{route.expert[i]}"
-                parts.append(f"{route.layer}: {skill} {route.prob[i]:.2f}")
+            parts = [f"{step['layer']}: {step['skill']} {step['prob']:.2f}" for step in (chains[i] if chains else [])]
             thumb = meta.get("thumbnail")
             self._chains.append((meta["key"], meta["task"], meta["question"], ", ".join(parts) or "-", thumb))
 
@@ -67,8 +74,7 @@ class RoutingVisualisation(pl.Callback):
         self._emit(trainer, module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._emit(trainer, module)
+        self._add_usage(outputs)
 
     def on_train_end(self, trainer, module) -> None:
         self._emit(trainer, module)

@@ -11,8 +11,9 @@ import lightning.pytorch as pl
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from mose_lightning.checkpoint import saved_parameter_names
+from mose_lightning.checkpoint import saved_tensor_names
 from mose_lightning.config import ExperimentConfig
+from mose_lightning.evaluation.routing_metrics import RoutingAccuracy
 
 
 def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int, min_ratio: float):
@@ -31,7 +32,7 @@ def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int, min_ratio: fl
     return factor
 
 
-def build_optimizer(module: pl.LightningModule, params, cfg: ExperimentConfig, total_steps: int):
+def build_optimizer(params, cfg: ExperimentConfig, total_steps: int):
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
     warmup = int(round(o.warmup_ratio * total_steps))
@@ -43,25 +44,41 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+# Where the backbone's tensors sit in a FineTuneModule's state dict (module.model.backbone).
+BACKBONE_PREFIX = "model.backbone."
+
+
+def backbone_tensors(lightning_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The backbone's entries of a FineTuneModule state dict, by backbone tensor name."""
+    n = len(BACKBONE_PREFIX)
+    return {k[n:]: v for k, v in lightning_state.items() if k.startswith(BACKBONE_PREFIX)}
+
+
 class FineTuneModule(pl.LightningModule):
-    """Autoregressive loss on answer tokens (+ MoE aux losses); trains what the surgery left trainable."""
+    """Autoregressive loss on answer tokens (+ MoE aux losses); trains what the surgery left trainable.
+
+    Each step returns what the routing callback shows: the loss, and the output's routes and expert counts."""
 
     def __init__(self, model, cfg: ExperimentConfig) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.level_names = model.taxonomy.level_names if model.taxonomy else []
-        self._usage: Optional[torch.Tensor] = None
+        self.level_names = model.level_names
         self._tick: Optional[float] = None
-        self._val: Dict[str, float] = {}
-        self.final_metrics: Dict[str, float] = {}
+        blocks = model.layout.sequence_routed
+        self.val_routing = RoutingAccuracy([b.layer_index for b in blocks], [b.level_name for b in blocks],
+                                           self.level_names) if blocks else None
 
     # ---- optimisation -----------------------------------------------------------------------------------
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("nothing to train: every parameter is frozen (check moe.kind / moe.extra_trainable)")
-        return build_optimizer(self, params, self.cfg, self.cfg.trainer.max_steps)
+        routers = {id(p) for b in self.model.layout.sequence_routed for p in b.router.parameters() if p.requires_grad}
+        if routers and self.cfg.moe.router_lr > 0:
+            params = [{"params": [p for p in params if id(p) not in routers]},
+                      {"params": [p for p in params if id(p) in routers], "lr": self.cfg.moe.router_lr}]
+        return build_optimizer(params, self.cfg, self.cfg.trainer.max_steps)
 
     def on_train_epoch_start(self) -> None:
         # Lightning builds the training DataLoader once; the stream's shuffle must still change every epoch (and
@@ -83,7 +100,7 @@ class FineTuneModule(pl.LightningModule):
     def _trained_keys(self, checkpoint: Dict[str, Any]) -> set:
         """The state-dict keys a checkpoint keeps; a KeyError if the checkpoint lacks any (a run resumed without
         them would go on from untrained weights without a word)."""
-        keep = {f"model.backbone.{name}" for name in saved_parameter_names(self.model)}
+        keep = {BACKBONE_PREFIX + name for name in saved_tensor_names(self.model)}
         missing = keep - set(checkpoint["state_dict"])
         if missing:
             raise KeyError(f"checkpoint state lacks {len(missing)} trained tensors of this model, e.g. {sorted(missing)[:3]}")
@@ -105,13 +122,6 @@ class FineTuneModule(pl.LightningModule):
             self._trained_keys(checkpoint)
 
     # ---- steps ------------------------------------------------------------------------------------------
-    def _loss(self, batch: Dict[str, Any]):
-        out = self.model(batch)
-        loss = out.loss
-        if out.aux_loss is not None:
-            loss = loss + out.aux_loss
-        return out, loss
-
     def _check_finite(self, loss: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
         if torch.isfinite(loss):
             return loss
@@ -124,7 +134,9 @@ class FineTuneModule(pl.LightningModule):
         return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
-        out, raw = self._loss(batch)
+        out = self.model(batch, route_source="labels" if self.cfg.moe.teacher_forcing else "router",
+                         recentre_routers=True)
+        raw = out.training_loss
         loss = self._check_finite(raw, batch)
         size = len(batch["meta"])
         # Logged every step (0 or 1): a metric logged only on some steps is re-sent with its stale value on the
@@ -133,10 +145,12 @@ class FineTuneModule(pl.LightningModule):
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=size)
         if out.aux_loss is not None:
             self.log("train/aux_loss", out.aux_loss.detach(), batch_size=size)
+            for name, value in out.aux_losses.items():
+                self.log(f"train/aux/{name}", value.detach(), batch_size=size)
         self._log_throughput(batch)
         self._log_skipped(batch, "train")
-        self._log_routing(batch, "train")
-        return loss
+        self._log_batch_routing(out.routes, batch)
+        return {"loss": loss, "expert_counts": out.expert_counts}
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int):
         keep = torch.tensor([not m.get("pad", False) for m in batch["meta"]], device=batch["input_ids"].device)
@@ -153,7 +167,22 @@ class FineTuneModule(pl.LightningModule):
         acc = ((logits.argmax(-1) == target) & valid).sum() / n
         self.log("val/loss", loss, sync_dist=True, batch_size=int(keep.sum().clamp_min(1)), prog_bar=True)
         self.log("val/answer_token_acc", acc, sync_dist=True, batch_size=int(keep.sum().clamp_min(1)))
-        self._log_routing(batch, "val")
+        if self.val_routing is not None and batch.get("skill_labels") is not None:
+            self.val_routing.update(out.routes, batch["skill_labels"], keep)
+        return {"routes": out.routes, "expert_counts": out.expert_counts}
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_routing is None:
+            return
+        # Summed over ranks by the metric (every rank takes part, labelled batches or not).
+        result = self.val_routing.compute()
+        self.val_routing.reset()
+        for level, acc in result["levels"].items():
+            if acc is not None:
+                self.log(f"val/router_acc/{level}", acc, rank_zero_only=True)
+        for layer, acc in result["layers"].items():
+            if acc is not None:
+                self.log(f"val/router_acc_layer/{layer}", acc, rank_zero_only=True)
 
     # ---- logging ----------------------------------------------------------------------------------------
     def _log_throughput(self, batch: Dict[str, Any]) -> None:
@@ -168,26 +197,22 @@ class FineTuneModule(pl.LightningModule):
         for reason, count in (batch.get("skipped") or {}).items():
             self.log(f"{stage}/skipped_{reason.replace(' ', '_')}", float(count), reduce_fx="sum", batch_size=1)
 
-    def _log_routing(self, batch: Dict[str, Any], stage: str) -> None:
-        counts = [c for c in self.model.expert_counts() if c is not None]
-        if counts and len({c.numel() for c in counts}) == 1:
-            usage = torch.stack([c.float().cpu() for c in counts])
-            self._usage = usage if self._usage is None else self._usage + usage
-        chain = self.model.skill_chain()
+    def _log_batch_routing(self, routes, batch: Dict[str, Any]) -> None:
+        """Training batches' routing accuracy per level and per layer (the routes the step took)."""
         labels = batch.get("skill_labels")
-        if not chain or labels is None:
+        if not routes or labels is None:
             return
         labels = labels.to(self.device)
-        for li, level in enumerate(self.level_names):
-            routes = [torch.tensor(r.expert, device=self.device) for r in chain if r.level == level]
-            mask = labels[:, li] >= 0
-            if not routes or not bool(mask.any()):
+        per_level: Dict[str, list] = {}
+        for route in routes:
+            target = labels[:, self.level_names.index(route.level)]
+            mask = target >= 0
+            if not bool(mask.any()):
                 continue
-            correct = torch.stack([(r == labels[:, li])[mask].float().mean() for r in routes]).mean()
+            correct = (route.expert == target)[mask].float().mean()
             # Not synced across ranks: whether a batch carries labels is data-dependent, and a collective that
             # only some ranks enter would hang.
-            self.log(f"{stage}/router_acc/{level}", correct, batch_size=int(mask.sum()))
-
-    def take_usage(self) -> Optional[torch.Tensor]:
-        usage, self._usage = self._usage, None
-        return usage
+            self.log(f"train/router_acc_layer/{route.layer}", correct, batch_size=int(mask.sum()))
+            per_level.setdefault(route.level, []).append(correct)
+        for level, values in per_level.items():
+            self.log(f"train/router_acc/{level}", torch.stack(values).mean(), batch_size=int(labels.shape[0]))

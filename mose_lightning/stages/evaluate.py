@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from mose_lightning import locks
@@ -26,26 +27,12 @@ from mose_lightning.data.datamodule import DriveDataModule
 from mose_lightning.data.shards import IncompleteData
 from mose_lightning.evaluation.local_metrics import local_scores
 from mose_lightning.evaluation.report import write_results
+from mose_lightning.evaluation.routing_metrics import derangement, routing_scores, skill_chains
 from mose_lightning.io import atomic_write_json, atomic_write_text
 from mose_lightning.params import parameter_report
-from mose_lightning.stages.sft import model_dir_of
 from mose_lightning.training import (
     apply_threads, devices_arg, is_global_zero, lock_run_dir, precision_and_plugins, run_dir_for,
 )
-
-
-def chain_records(model, index: int) -> List[Dict[str, Any]]:
-    """The skill chain of sample `index` of the last batch, with skill names from the taxonomy."""
-    out = []
-    for route in model.skill_chain():
-        expert = route.expert[index]
-        try:
-            skill = model.taxonomy.level(route.level).skill_for_expert(expert).name
-        except KeyError:
-            skill = f"expert{expert}"
-        out.append({"layer": route.layer, "level": route.level, "expert": expert, "skill": skill,
-                    "prob": round(route.prob[index], 4)})
-    return out
 
 
 def decode_new_tokens(model, tokens: torch.Tensor) -> List[str]:
@@ -54,40 +41,60 @@ def decode_new_tokens(model, tokens: torch.Tensor) -> List[str]:
 
 
 class GenerationModule(pl.LightningModule):
-    def __init__(self, model, cfg: ExperimentConfig, parts_dir: Path) -> None:
+    """predict_step: one batch of prompts -> its prediction records and expert usage (for `PredictionWriter`)."""
+
+    def __init__(self, model, cfg: ExperimentConfig) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.parts_dir = parts_dir
-        self.usage: Optional[torch.Tensor] = None
 
     def predict_step(self, batch: Dict[str, Any], batch_idx: int):
-        tokens = self.model.generate(batch, self.cfg.eval.max_new_tokens)
-        texts = decode_new_tokens(self.model, tokens)
-        counts = [c for c in self.model.expert_counts() if c is not None]
-        if counts and len({c.numel() for c in counts}) == 1:
-            usage = torch.stack([c.float().cpu() for c in counts])
-            self.usage = usage if self.usage is None else self.usage + usage
+        source = self.cfg.eval.route_source
+        # A seed per batch, so the shuffled control is the same however the batches are spread over ranks.
+        shuffle = (derangement(len(batch["meta"]), self.cfg.eval.shuffle_seed * 1_000_003 + batch_idx)
+                   if source == "shuffled" else None)
+        generated = self.model.generate(batch, self.cfg.eval.max_new_tokens, route_source=source, shuffle=shuffle)
+        texts = decode_new_tokens(self.model, generated.tokens)
+        chains = skill_chains(generated.routes, self.model.taxonomy)
         records = []
-        images_dir = self.parts_dir.parent / "images"
         for i, meta in enumerate(batch["meta"]):
             if meta.get("pad"):
                 continue
-            image_paths = []
-            if meta.get("thumbnail") is not None:
-                images_dir.mkdir(parents=True, exist_ok=True)
-                rel = f"images/{meta['key']}.jpg"
-                Image.fromarray(meta["thumbnail"]).save(self.parts_dir.parent / rel)
-                image_paths.append(rel)
             records.append({
                 "key": meta["key"], "dataset": meta["dataset"], "task": meta["task"], "question": meta["question"],
                 "reference": meta["answer"], "prediction": texts[i], "category": meta["category"],
-                "skills": meta["skills"], "skill_chain": chain_records(self.model, i), "images": image_paths,
+                "skills": meta["skills"], "skill_chain": chains[i] if chains else [],
+                "thumbnail": meta.get("thumbnail"),
             })
-        with open(self.parts_dir / f"rank{self.global_rank}.jsonl", "a") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return None
+        return {"records": records, "expert_counts": generated.expert_counts}
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Appends each batch's records to this rank's part file (thumbnails as JPEGs beside them) and sums the
+    expert usage; rank 0 merges the parts after the loop."""
+
+    def __init__(self, parts_dir: Path) -> None:
+        super().__init__(write_interval="batch")
+        self.parts_dir = parts_dir
+        self.usage: Optional[torch.Tensor] = None
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        counts = [c for c in prediction["expert_counts"] if c is not None]
+        if counts and len({c.numel() for c in counts}) == 1:
+            usage = torch.stack([c.float().cpu() for c in counts])
+            self.usage = usage if self.usage is None else self.usage + usage
+        lines = []
+        for record in prediction["records"]:
+            thumbnail = record.pop("thumbnail", None)
+            record["images"] = []
+            if thumbnail is not None:
+                rel = f"images/{record['key']}.jpg"
+                (self.parts_dir.parent / "images").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(thumbnail).save(self.parts_dir.parent / rel)
+                record["images"].append(rel)
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        with open(self.parts_dir / f"rank{trainer.global_rank}.jsonl", "a") as handle:
+            handle.writelines(lines)
 
 
 def _merge_parts(parts_dir: Path) -> List[Dict[str, Any]]:
@@ -100,9 +107,13 @@ def _merge_parts(parts_dir: Path) -> List[Dict[str, Any]]:
     return [records[k] for k in sorted(records)]
 
 
-def score_records(records: List[Dict[str, Any]], cfg: ExperimentConfig) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Local metrics always; the LLM judge (CODA-LM protocol / DriveLM score) when eval.judge.enabled."""
+def score_records(records: List[Dict[str, Any]], cfg: ExperimentConfig, taxonomy=None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Local metrics and the routing accuracy of the evaluated model's routes (against the samples' skill labels)
+    always; the LLM judge (CODA-LM protocol / DriveLM score) when eval.judge.enabled."""
     scores: Dict[str, Any] = {"local": local_scores(records)}
+    routing = routing_scores(records, taxonomy)
+    if routing is not None:
+        scores["routing"] = routing
     ratings: Dict[str, Any] = {}
     datasets = {r["dataset"] for r in records}
     if "drivelm" in datasets:
@@ -130,12 +141,26 @@ def score_records(records: List[Dict[str, Any]], cfg: ExperimentConfig) -> Tuple
     return scores, ratings
 
 
+def router_pretrain_accuracy(model) -> Optional[Dict[str, float]]:
+    """Held-out accuracy per level of the router pretraining the model's routers started from (the metrics.json
+    beside the `moe.router_checkpoint` it was trained with), or None where that is not known."""
+    checkpoint = model.cfg.moe.router_checkpoint
+    if not checkpoint:
+        return None
+    path = Path(checkpoint).parent / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return {key.split("/")[-1]: value for key, value in metrics.items() if key.startswith("router/acc/")}
+
+
 def run_meta(model, cfg: ExperimentConfig, records: List[Dict[str, Any]]) -> Dict[str, Any]:
     counts = parameter_report(model)
     return {
         "name": cfg.name, "moe_kind": cfg.moe.kind, "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
         "activated_params": counts["activated"], "total_params": counts["total"], "seed": cfg.seed,
         "dataset": sorted({r["dataset"] for r in records}), "split": cfg.eval.split, "n_samples": len(records),
+        "router_pretrain_accuracy": router_pretrain_accuracy(model), "route_source": cfg.eval.route_source,
     }
 
 
@@ -200,7 +225,7 @@ def run_eval(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
     if model is None:
         if not cfg.init_from:
             raise ConfigError("checkpoint: expected a trained run directory (or its model/) to evaluate")
-        model = load_model(model_dir_of(cfg.init_from))
+        model = load_model(cfg.init_from)
         model.cfg.eval = cfg.eval
     apply_threads(cfg)
     run_dir = run_dir_for(cfg, "eval")
@@ -215,7 +240,8 @@ def run_eval(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
     data_cfg = cfg.data
     datamodule = DriveDataModule(data_cfg, model.adapter, model.processor, model.taxonomy)
     loader = datamodule.generation_dataloader(cfg.eval.split)
-    module = GenerationModule(model, cfg, parts_dir)
+    module = GenerationModule(model, cfg)
+    writer = PredictionWriter(parts_dir)
     t = cfg.trainer
     if t.strategy == "fsdp":
         # Generation runs data-parallel: a model that fits one device gains nothing from sharding, and sharded it
@@ -228,7 +254,7 @@ def run_eval(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
     precision, plugins = precision_and_plugins(cfg, model)
     trainer = pl.Trainer(accelerator=t.accelerator, devices=devices_arg(t.devices), strategy=t.strategy,
                          precision=precision, plugins=plugins, logger=False, enable_checkpointing=False,
-                         callbacks=[skips.SkippedSamples(run_dir)],
+                         callbacks=[writer, skips.SkippedSamples(run_dir)],
                          enable_model_summary=False, limit_predict_batches=(-(-cfg.eval.limit // cfg.data.eval_batch_size)
                                                                             if cfg.eval.limit else 1.0))
     trainer.predict(module, loader, return_predictions=False)
@@ -248,13 +274,13 @@ def run_eval(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
             (run_dir / name).unlink(missing_ok=True)
         locks.release(run_dir)
         raise IncompleteData(_shortfall_message(partial, cfg, run_dir))
-    scores, ratings = score_records(records, cfg)
+    scores, ratings = score_records(records, cfg, model.taxonomy)
     meta = run_meta(model, cfg, records)
     meta["n_expected"] = expected
     if partial is not None:
         meta["partial"] = partial
     write_results(run_dir, scores, meta)
-    plots = write_plots(run_dir, records, module.usage, model)
+    plots = write_plots(run_dir, records, writer.usage, model)
     from mose_lightning.evaluation.html_report import write_html_report
 
     write_html_report(run_dir, records, scores, ratings, max_samples=cfg.eval.html_samples, meta=meta)

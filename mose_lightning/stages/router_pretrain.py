@@ -24,12 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from mose_lightning.checkpoint import backbone_fingerprint
+from mose_lightning.checkpoint import backbone_fingerprint, model_from_config
 from mose_lightning.config import ConfigError, ExperimentConfig, resolve_path
 from mose_lightning.data.datamodule import DriveDataModule
 from mose_lightning.io import atomic_write_json, atomic_write_text
-from mose_lightning.model import MoEVisionLanguageModel, build_model
-from mose_lightning.surgery import skill_routers
+from mose_lightning.model import MoEVisionLanguageModel
+from mose_lightning.surgery import router_state, skill_routers
 from mose_lightning.training import finish_run, is_global_zero, start_run
 
 
@@ -51,6 +51,7 @@ def _cache_key(model: MoEVisionLanguageModel, cfg: ExperimentConfig, shards: Lis
         "backbone": backbone_fingerprint(model),
         "backbone_cfg": [cfg.backbone.name, cfg.backbone.path, cfg.backbone.init_checkpoint, cfg.backbone.dtype],
         "layers": model.layout.layer_indices,
+        "router_input": cfg.moe.router_input,
         "shards": files,
         "split": split,
         "encode": [cfg.data.image_width, cfg.data.image_height, cfg.data.max_length, cfg.data.overlong,
@@ -66,8 +67,7 @@ def extract_pooled_features(model: MoEVisionLanguageModel, loader, max_samples: 
                             desc: str = "router inputs") -> PooledFeatures:
     """One backbone forward per sample (prompt only: causal attention makes the prompt's hidden states the same
     with or without the answer), collecting the pooled input of every MoSE layer."""
-    blocks = model.layout.sequence_routed
-    if not blocks:
+    if not model.layout.sequence_routed:
         raise ConfigError("router pretraining needs MoSE layers (moe.kind=mose)")
     model.eval()
     device = next(model.parameters()).device
@@ -77,9 +77,9 @@ def extract_pooled_features(model: MoEVisionLanguageModel, loader, max_samples: 
     for batch in loader:
         keep = [i for i, m in enumerate(batch["meta"]) if not m.get("pad", False)]
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        model(batch, with_loss=False)
+        out = model(batch, with_loss=False)
         forwards += len(batch["meta"])
-        pooled = torch.stack([b.last_route.pooled for b in blocks], dim=1)  # (B, L, H)
+        pooled = torch.stack([route.pooled for route in out.routes], dim=1)  # (B, L, H)
         feats.append(pooled[keep].cpu())
         labels.append(batch["skill_labels"][keep].cpu())
         keys.extend(batch["meta"][i]["key"] for i in keep)
@@ -117,9 +117,9 @@ class RouterPretrainModule(pl.LightningModule):
 
     Preconditioning: the (RMS-normalised) pooled vectors of a layer share a large common component, and what tells
     skills apart lives in small deviations from it, which a linear router reaches only with large weights, i.e.
-    slowly. With `standardize`, each router trains on its inputs standardised per feature with the training set's
-    mean and std, and `fold_standardization()` then folds that affine map into the router's own Linear, so the
-    saved router is the plain linear classifier on T_mean that SFT and generation run, computing the same logits.
+    slowly. With `standardize`, each router's input standardisation is set from the training set's per-feature
+    mean and std first (`SequenceSkillRouter.set_standardisation`), so its classifier trains, here and when it goes
+    on training during SFT, on inputs of unit scale.
     """
 
     def __init__(self, routers: Dict[int, nn.Module], level_of_layer: List[int], level_names: List[str],
@@ -133,36 +133,12 @@ class RouterPretrainModule(pl.LightningModule):
         self.cfg = cfg
         self._confusion: Optional[torch.Tensor] = None
         self.final: Dict[str, float] = {}
-        self.standardized = train_features is not None
-        if self.standardized:
-            normed = torch.stack([r.normalise(train_features[:, j].float()) for j, r in enumerate(self.routers)], dim=1)
-            # A feature that never varies carries no skill information: its scale stays 1 instead of dividing by ~0.
-            std = normed.std(dim=0, unbiased=False)
-            self.register_buffer("feat_mean", normed.mean(dim=0))  # (L, H)
-            self.register_buffer("feat_std", torch.where(std > 1e-6, std, torch.ones_like(std)))
+        if train_features is not None:
+            for j, router in enumerate(self.routers):
+                router.set_standardisation(router.normalise(train_features[:, j].float()))
 
     def _logits(self, feats: torch.Tensor) -> torch.Tensor:
-        if not self.standardized:
-            return torch.stack([router(feats[:, j]) for j, router in enumerate(self.routers)], dim=1)  # (B, L, E)
-        out = []
-        for j, router in enumerate(self.routers):
-            z = (router.normalise(feats[:, j].float()) - self.feat_mean[j]) / self.feat_std[j]
-            out.append(router.classifier(z))
-        return torch.stack(out, dim=1)
-
-    @torch.no_grad()
-    def fold_standardization(self) -> None:
-        """W z + b with z = (n - mean) / std  ==  (W / std) n + (b - W (mean / std)): rewrite each router's Linear
-        so the router maps its raw pooled input to the same logits, then drop the standardisation."""
-        if not self.standardized:
-            return
-        for j, router in enumerate(self.routers):
-            lin = router.classifier
-            weight = lin.weight.float() / self.feat_std[j]
-            bias = lin.bias.float() - lin.weight.float() @ (self.feat_mean[j] / self.feat_std[j])
-            lin.weight.copy_(weight)
-            lin.bias.copy_(bias)
-        self.standardized = False
+        return torch.stack([router(feats[:, j]) for j, router in enumerate(self.routers)], dim=1)  # (B, L, E)
 
     def _targets(self, labels: torch.Tensor) -> torch.Tensor:
         return labels[:, self.level_of_layer]  # (B, L)
@@ -221,12 +197,7 @@ def _holdout(features: PooledFeatures, fraction: float, seed: int) -> Tuple[Pool
 def _confusion_markdown(module: RouterPretrainModule, taxonomy) -> Tuple[dict, str]:
     out, lines = {}, []
     for li, level in enumerate(module.level_names):
-        names = []
-        for e in range(module.num_skills):
-            try:
-                names.append(taxonomy.level(level).skill_for_expert(e).name)
-            except KeyError:
-                names.append(f"expert{e}")
+        names = [taxonomy.skill_name(level, e) for e in range(module.num_skills)]
         conf = module._confusion[li].tolist()
         out[level] = {"skills": names, "matrix": conf}
         lines += [f"### {level} (rows: annotated skill, columns: router choice)", "",
@@ -243,7 +214,7 @@ def run_router_pretrain(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
     cfg.moe.router_checkpoint = None
     # Seeded before the build: the routers' initial weights are drawn there.
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = build_model(cfg, load_routers=False)
+    model = model_from_config(cfg, load_routers=False)
     datamodule = DriveDataModule(cfg.data, model.adapter, model.processor, model.taxonomy)
     train = cached_features(model, cfg, datamodule, "train")
     if cfg.data.val_shards and cfg.router_pretrain.holdout_fraction <= 0:
@@ -271,11 +242,9 @@ def run_router_pretrain(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
                          log_every_n_steps=1, check_val_every_n_epoch=max(1, r.epochs // 5))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer.fit(module, train_loader, test_loader)
-    # The held-out numbers below come from the routers exactly as saved (standardisation folded in).
-    module.fold_standardization()
+    # The held-out numbers below come from the routers exactly as saved.
     trainer.validate(module, test_loader, verbose=False)
-    state = {f"layer{idx}.{name}": value.detach().cpu() for idx, router in routers.items()
-             for name, value in router.state_dict().items()}
+    state = router_state(model.layout)
     tmp = run_dir / "routers.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, run_dir / "routers.pt")

@@ -9,24 +9,18 @@ from typing import Dict, Optional, Tuple
 
 import lightning.pytorch as pl
 
-from mose_lightning.checkpoint import check_compatible, load_model, save_model
+from mose_lightning.checkpoint import check_compatible, load_model, model_dir_of, model_from_config, save_model
 from mose_lightning.config import ConfigError, ExperimentConfig
 from mose_lightning.data.datamodule import DriveDataModule
-from mose_lightning.model import MoEVisionLanguageModel, build_model
+from mose_lightning.model import MoEVisionLanguageModel
 from mose_lightning.stages.callbacks import RoutingVisualisation
-from mose_lightning.stages.common import FineTuneModule
+from mose_lightning.stages.common import FineTuneModule, backbone_tensors
 from mose_lightning.surgery import convert_to_expert_groups, set_trainable
 from mose_lightning.training import (
     finish_run, make_trainer, record_final_metrics, resume_path, scalar_metrics, start_run,
 )
 
-FINAL_KEYS = ("train/loss", "val/loss", "val/answer_token_acc", "train/aux_loss")
-
-
-def model_dir_of(path: str | Path) -> Path:
-    """A run directory or its `model/` subdirectory -> the saved model directory."""
-    path = Path(path)
-    return path / "model" if (path / "model").is_dir() else path
+FINAL_KEYS = ("train/loss", "val/loss", "val/answer_token_acc", "train/aux_loss", "train/aux/router_skill")
 
 
 def fine_tune(cfg: ExperimentConfig, model: MoEVisionLanguageModel, stage: str) -> Tuple[Path, Dict[str, float]]:
@@ -41,8 +35,7 @@ def fine_tune(cfg: ExperimentConfig, model: MoEVisionLanguageModel, stage: str) 
     # Collective under FSDP (gathers the full state on rank 0); a plain state dict otherwise.
     full = trainer.strategy.lightning_module_state_dict()
     if trainer.is_global_zero:
-        prefix = "model.backbone."
-        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        state = backbone_tensors(full)
         save_model(model, run_dir / "model", full_state=state if len(state) else None)
     trainer.strategy.barrier()
     return run_dir, finish_run(run_dir, metrics)
@@ -55,7 +48,7 @@ def run_sft(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
     if cfg.moe.kind == "mose" and not cfg.moe.router_checkpoint and not cfg.moe.teacher_forcing:
         print("note: moe.router_checkpoint is not set: MoSE routers start untrained (run `mose pretrain-router` first)")
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)  # before the build: untrained routers
-    return fine_tune(cfg, build_model(cfg), "sft")
+    return fine_tune(cfg, model_from_config(cfg), "sft")
 
 
 def run_expert_group(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
