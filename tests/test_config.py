@@ -46,11 +46,12 @@ def test_devices_lightning_accepts_are_accepted(devices):
     assert load_config(TOY, [f"trainer.devices='{devices}'"]).trainer.devices == devices
 
 
-def test_the_command_line_prints_a_config_error_as_one_line(capsys):
+@pytest.mark.parametrize("command", [["sft", "--config", str(TOY)], ["demo"], ["reproduce-toy"]])
+def test_the_command_line_prints_a_config_error_as_one_line(capsys, command):
     from mose_lightning import cli
 
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["sft", "--config", str(TOY), "trainer.devices=abc"])
+        cli.main([*command, "trainer.devices=abc"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: ") and "trainer.devices: expected" in err and "'abc'" in err

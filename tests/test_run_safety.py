@@ -1,6 +1,7 @@
 """What a team sharing machines relies on: one run per folder (locks between real processes), nothing scored on
 part of the data without saying so, skipped samples listed, a kill during the final save recovered, evaluation of a
-saved model without preparation it does not use, outputs that follow the umask.
+saved model without preparation it does not use, outputs that follow the umask, a refused run stopped before torch
+loads.
 
 Runs are the dense toy (configs/experiment/toy_sft.yaml: no routers to pretrain) on the shared synthetic set of
 conftest.py, two optimiser steps each; concurrent runs are real `mose` processes.
@@ -178,6 +179,31 @@ def test_ranks_other_than_zero_share_the_run_dir_lock(tmp_path, monkeypatch):
         assert locks.launcher_rank() == 0
     finally:
         stop(holder)
+
+
+def test_a_refused_stage_command_stops_before_importing_torch(tmp_path):
+    """The lock is taken before any preparation: a run directory in use is reported without torch, Lightning or the
+    toy pipeline having been imported (the seconds-not-minutes promise of the command line)."""
+    run_dir = tmp_path / "run"
+    locks.acquire(run_dir, "mose sft")
+    try:
+        probe = textwrap.dedent(f"""
+            import sys
+            from mose_lightning import cli, locks
+            take = locks.lock_run_dir
+            def lock_run_dir(run_dir, stage):
+                loaded = [m for m in ("torch", "lightning", "mose_lightning.pipeline") if m in sys.modules]
+                print("loaded before the lock:", loaded, flush=True)
+                take(run_dir, stage)
+            locks.lock_run_dir = lock_run_dir
+            cli.main(["sft", "--config", {str(DENSE)!r}, "run_dir={run_dir}"])
+        """)
+        result = run([sys.executable, "-c", probe])
+    finally:
+        locks.release(run_dir)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "loaded before the lock: []" in result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {run_dir} is in use by PID {os.getpid()}")
 
 
 # ---- evaluation counts what it scored ----------------------------------------------------------------------------
