@@ -17,9 +17,10 @@ The Test split has no released answers: its samples get answer null. On other sp
 bad input. The question texts are parameters: the defaults are this project's wording; pass the official texts to
 reproduce published numbers exactly.
 
-Bad input (missing/undecodable image, unreadable JSON, empty answer, box outside the image) stops the run with a
-message naming the file and entry, or with skip_bad is skipped and listed in the manifest. A missing image skips
-the whole file; a bad region or answer skips only that sample.
+Bad input (missing/undecodable image, unreadable JSON, a key twice in one JSON object, empty answer, box outside
+the image, two entries whose sample keys coincide) stops the run with a message naming the file and entry, or with
+skip_bad is skipped and listed in the manifest. A missing image or a duplicate JSON key skips the whole file; a bad
+region or answer, or a key collision (the later entry), skips only that sample.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -37,14 +39,18 @@ from PIL import Image, ImageDraw
 from data_recipes.common import (
     BadEntries,
     ConversionReport,
+    DuplicateKeyError,
+    SampleKeys,
     add_common_args,
     jpeg_for,
     load_image,
+    load_json_strict,
     parse_size,
     progress,
 )
 from mose_lightning.data.sample import Sample, encode_jpeg, make_key
 from mose_lightning.data.shards import ShardWriter, prepare_output_dirs
+from mose_lightning.locks import holds_lock
 
 SPLITS = ("Train", "Val", "Test", "Mini")
 BOX_ENCODINGS = ("red_box", "none")
@@ -153,6 +159,7 @@ def draw_box(img, box: Sequence[float]):
     return out
 
 
+@holds_lock("out_dir", "mose data coda-lm")
 def convert_coda_lm(
     root: str | os.PathLike,
     split: str,
@@ -189,6 +196,7 @@ def convert_coda_lm(
     out_dir = Path(out_dir)
     prepare_output_dirs([out_dir], overwrite=overwrite)
     bad = BadEntries(skip_bad)
+    keys = SampleKeys(bad)
     categories: Counter = Counter()
     unknown: Counter = Counter()
     writer = ShardWriter(out_dir, prefix=split.lower(), maxcount=maxcount)
@@ -198,7 +206,8 @@ def convert_coda_lm(
                 path, root, split, labeled, bad, box_encoding, resize, categories, unknown,
                 question_general, question_regional, question_regional_nobox, question_suggestion,
             ):
-                writer.write(sample)
+                if keys.claim(sample.key, path, sample.source["entry"]):
+                    writer.write(sample)
         manifest = writer.commit(
             {
                 "dataset": "coda_lm",
@@ -232,8 +241,10 @@ def _samples_of_file(
         return []
     prefix, image_id = stem.split("_", 1)
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = load_json_strict(path)
+    except DuplicateKeyError as err:
+        bad.report(path, "<file>", str(err), samples=0)
+        return []
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         bad.report(path, "<file>", f"not readable JSON: {err}", samples=0)
         return []
@@ -295,7 +306,8 @@ def _samples_of_file(
         return (0, int(k), "") if str(k).isdigit() else (1, 0, str(k))
 
     for rk in sorted(regions, key=region_order):
-        entry = f"region_perception.{rk}"
+        # A region name with spaces or odd characters is quoted, so that the entry can be told apart from its twin.
+        entry = f"region_perception.{rk}" if re.fullmatch(r"[A-Za-z0-9_-]+", str(rk)) else f"region_perception[{rk!r}]"
         region = regions[rk]
         if not isinstance(region, dict):
             bad.report(path, entry, f"expected an object with box/category_name, got {type(region).__name__}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 from collections import Counter
@@ -43,6 +44,48 @@ class BadEntries:
 
     def manifest_fields(self) -> Dict[str, Any]:
         return {"num_skipped_entries": len(self.entries), "num_skipped_samples": self.num_samples, "skipped": self.entries}
+
+
+class SampleKeys:
+    """The sample keys a converter run has handed out, with their sources. Keys keep only [A-Za-z0-9_-], so two
+    entries can map to one key (CODA-LM regions "1" and "1 ", files val_a.b.json and val_a_b.json): the second is
+    bad input naming both (skipped with skip_bad), never a crash inside the shard writer."""
+
+    def __init__(self, bad: BadEntries):
+        self.bad = bad
+        self.sources: Dict[str, Tuple[str, str]] = {}
+
+    def claim(self, key: str, file: str | os.PathLike, entry: str) -> bool:
+        """True when `key` is free (it is now taken by file/entry); False when it was taken and skip_bad is on."""
+        if key in self.sources:
+            first_file, first_entry = self.sources[key]
+            self.bad.report(file, entry, f"sample key {key!r} is already taken by {first_file}: entry {first_entry} "
+                                         f"(keys keep only [A-Za-z0-9_-], so both entries map to it)")
+            return False
+        self.sources[key] = (str(file), str(entry))
+        return True
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object holds the same key twice (a JSON reader would silently keep the last value)."""
+
+
+def _unique_keys(pairs):
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            keys = [k for k, _ in pairs]
+            shown = keys[:6] + (["..."] if len(keys) > 6 else [])
+            raise DuplicateKeyError(f"duplicate JSON key {key!r} in an object with keys {shown} "
+                                    f"(a JSON reader keeps only the last value)")
+        out[key] = value
+    return out
+
+
+def load_json_strict(path: Path) -> Any:
+    """json.load that refuses duplicate keys (DuplicateKeyError naming the key)."""
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle, object_pairs_hook=_unique_keys)
 
 
 @dataclass
@@ -122,8 +165,23 @@ def progress(iterable, desc: str, total: Optional[int] = None, enabled: Optional
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, dynamic_ncols=True)
 
 
+def int_at_least(low: int):
+    """An argparse type: an integer >= low (argparse then names the option in its one-line error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad", action="store_true", help="skip bad entries (listed in the manifest) instead of stopping")
     parser.add_argument("--overwrite", action="store_true", help="redo an output directory that is already complete")
-    parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--maxcount", type=int_at_least(1), default=1000, help="samples per shard (default 1000)")
     parser.add_argument("--progress", action="store_true", default=None, help="force the progress bar on")

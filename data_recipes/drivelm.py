@@ -1,7 +1,11 @@
 """DriveLM-nuScenes v1.1 QA JSON -> WebDataset shards in the sample format of mose_lightning/data/sample.py.
 
 One sample per QA item; `task` = its QA group (perception | prediction | planning | behavior). Image paths in the
-JSON (`../nuscenes/samples/CAM_*/...jpg`) resolve relative to the JSON file's folder.
+JSON (`../nuscenes/samples/CAM_*/...jpg`) resolve relative to the JSON file's folder and must stay inside the
+dataset root (the folder above it, or `image_root`): an absolute path or one climbing out with `../..` is bad
+input unless `allow_outside_root`. A frame token that appears in two scenes, two QA items whose sample keys
+coincide, and a key twice in one JSON object are bad input naming both places; a file without any QA sample is an
+error unless `allow_empty`.
 
 Views (`views=`):
   all     six images in the order of the DriveLM file: CAM_FRONT, CAM_FRONT_LEFT, CAM_FRONT_RIGHT, CAM_BACK,
@@ -38,14 +42,19 @@ from data_recipes.common import (
     BadEntries,
     BadInputError,
     ConversionReport,
+    DuplicateKeyError,
+    SampleKeys,
     add_common_args,
+    int_at_least,
     jpeg_for,
     load_image,
+    load_json_strict,
     parse_size,
     progress,
 )
 from mose_lightning.data.sample import Sample, encode_jpeg, make_key
 from mose_lightning.data.shards import ShardWriter, prepare_output_dirs
+from mose_lightning.locks import holds_lock
 
 GROUPS = ("perception", "prediction", "planning", "behavior")
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
@@ -90,14 +99,38 @@ def holdout_frames(frames: Sequence[str], k: int, seed: int) -> List[str]:
     return sorted(pool[:n_test])
 
 
-def _frame_views(frame_dir: Path, image_paths: Dict[str, str], views: str, resize: Optional[Tuple[int, int]]):
+def default_image_root(json_file: Path) -> Path:
+    """The DriveLM folder holding both QA_dataset_nus/ (the JSON's folder) and nuscenes/ (the images)."""
+    return Path(os.path.abspath(json_file)).parent.parent
+
+
+def image_path(frame_dir: Path, rel: str, image_root: Optional[Path]) -> Path:
+    """Where an image path of the JSON points; ValueError when it leaves `image_root` (None: anywhere allowed).
+
+    Checked on the path as written (`..` collapsed, symbolic links not followed), so a dataset whose nuscenes/
+    folder is a link to another disk stays inside its root, while an absolute path or one climbing out with
+    `../..` does not."""
+    joined = Path(os.path.normpath(os.path.join(os.path.abspath(frame_dir), rel)))
+    if image_root is not None:
+        root = Path(os.path.normpath(os.path.abspath(image_root)))
+        if os.path.isabs(rel) or not joined.is_relative_to(root):
+            raise ValueError(f"{rel!r} lies outside the dataset root {root} (pass --image-root to name the root, or "
+                             f"--allow-outside-root to read it anyway)")
+    return joined
+
+
+def _frame_views(frame_dir: Path, image_paths: Dict[str, str], views: str, resize: Optional[Tuple[int, int]],
+                 image_root: Optional[Path] = None):
     """[(view name, jpeg bytes)] for one key frame; raises FileNotFoundError/ValueError naming the camera."""
     loaded = {}
     for cam in cameras_for(views):
         rel = image_paths.get(cam)
         if not isinstance(rel, str) or not rel:
             raise ValueError(f"image_paths.{cam}: expected a path, got {rel!r}")
-        path = (frame_dir / rel).resolve()
+        try:
+            path = image_path(frame_dir, rel, image_root)
+        except ValueError as err:
+            raise ValueError(f"image_paths.{cam}: {err}") from None
         try:
             loaded[cam] = load_image(path)
         except FileNotFoundError:
@@ -115,6 +148,7 @@ def _frame_views(frame_dir: Path, image_paths: Dict[str, str], views: str, resiz
     return [(cam, jpeg_for(loaded[cam][0], loaded[cam][1], resize)) for cam in cameras_for(views)]
 
 
+@holds_lock("out_dir", "mose data drivelm")
 def convert_drivelm(
     json_file: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -128,24 +162,34 @@ def convert_drivelm(
     overwrite: bool = False,
     maxcount: int = 1000,
     show_progress: Optional[bool] = None,
+    image_root: Optional[str | os.PathLike] = None,
+    allow_outside_root: bool = False,
+    allow_empty: bool = False,
 ) -> ConversionReport:
-    """Convert a DriveLM-nuScenes JSON to shards in out_dir (or out_dir/train + out_dir/test with holdout)."""
+    """Convert a DriveLM-nuScenes JSON to shards in out_dir (or out_dir/train + out_dir/test with holdout).
+
+    Image paths must stay inside `image_root` (default: the folder above the JSON's, which holds nuscenes/)
+    unless `allow_outside_root`; a file that yields no QA sample is bad input unless `allow_empty`."""
     if views not in VIEW_MODES:
         raise ValueError(f"drivelm: views must be one of {list(VIEW_MODES)}, got {views!r}")
     json_file = Path(json_file)
     try:
-        with open(json_file, encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = load_json_strict(json_file)
     except FileNotFoundError:
         raise FileNotFoundError(f"drivelm: {json_file} not found") from None
+    except DuplicateKeyError as err:
+        raise BadInputError(f"{json_file}: {err}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadInputError(f"{json_file}: not readable JSON: {err}") from None
     if not isinstance(data, dict):
         raise BadInputError(f"{json_file}: expected an object {{scene_token: scene}}, got {type(data).__name__}")
     bad = BadEntries(skip_bad)
+    keys = SampleKeys(bad)
+    root = None if allow_outside_root else (Path(image_root) if image_root else default_image_root(json_file))
 
     # Pass 1: the key frames, so the holdout is drawn over frames before anything is written.
     frames: List[Tuple[str, str, Dict[str, Any], str]] = []
+    scene_of: Dict[str, str] = {}
     for scene_token, scene in data.items():
         key_frames = scene.get("key_frames") if isinstance(scene, dict) else None
         if not isinstance(key_frames, dict):
@@ -153,6 +197,14 @@ def convert_drivelm(
             continue
         description = scene.get("scene_description") if isinstance(scene.get("scene_description"), str) else None
         for frame_token, frame in key_frames.items():
+            if frame_token in scene_of:
+                qa = frame.get("QA") if isinstance(frame, dict) else None
+                n_qas = sum(len(v) for v in qa.values() if isinstance(v, list)) if isinstance(qa, dict) else 0
+                bad.report(json_file, f"scene {scene_token} / frame {frame_token}",
+                           f"the frame token is also a key frame of scene {scene_of[frame_token]} (sample keys are "
+                           f"built from the frame token)", samples=n_qas)
+                continue
+            scene_of[frame_token] = scene_token
             frames.append((scene_token, frame_token, frame, description))
 
     out_dir = Path(out_dir)
@@ -168,12 +220,17 @@ def convert_drivelm(
     try:
         for scene_token, frame_token, frame, description in progress(frames, desc="DriveLM frames", enabled=show_progress):
             split = ("test" if frame_token in test_frames else "train") if holdout else ""
-            samples = _frame_samples(json_file, scene_token, frame_token, frame, description, views, resize, labeled, bad)
+            samples = _frame_samples(json_file, scene_token, frame_token, frame, description, views, resize, labeled, bad,
+                                     root)
+            samples = [s for s in samples if keys.claim(s.key, json_file, s.source["entry"])]
             if samples:
                 frames_of[split].append(frame_token)
             for sample in samples:
                 sample.source["split"] = split or None
                 writers[split].write(sample)
+        if not allow_empty and not any(w.num_samples for w in writers.values()):
+            raise BadInputError(f"{json_file}: no QA sample to write ({len(frames)} key frames, "
+                                f"{bad.num_samples} samples skipped); pass --allow-empty to write an empty set")
         for writer in writers.values():
             writer.close()
         common = {
@@ -207,7 +264,7 @@ def _view_names(views: str) -> List[str]:
 
 def _frame_samples(
     json_file: Path, scene_token: str, frame_token: str, frame: Any, description: Optional[str], views: str,
-    resize: Optional[Tuple[int, int]], labeled: bool, bad: BadEntries,
+    resize: Optional[Tuple[int, int]], labeled: bool, bad: BadEntries, image_root: Optional[Path] = None,
 ) -> List[Sample]:
     where = f"scene {scene_token} / frame {frame_token}"
     if not isinstance(frame, dict) or not isinstance(frame.get("QA"), dict) or not isinstance(frame.get("image_paths"), dict):
@@ -216,7 +273,7 @@ def _frame_samples(
     qa = frame["QA"]
     n_qas = sum(len(v) for v in qa.values() if isinstance(v, list))
     try:
-        images = _frame_views(json_file.parent, frame["image_paths"], views, resize)
+        images = _frame_views(json_file.parent, frame["image_paths"], views, resize, image_root)
     except (FileNotFoundError, ValueError) as err:
         bad.report(json_file, where, str(err), samples=n_qas)
         return []
@@ -260,6 +317,7 @@ def _frame_samples(
                     images=[blob for _, blob in images],
                     source={
                         "file": str(json_file),
+                        "entry": entry,
                         "scene_token": scene_token,
                         "frame_token": frame_token,
                         "group": group,
@@ -280,10 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, help="DriveLM-nuScenes v1.1 JSON (image paths resolve relative to its folder)")
     p.add_argument("--out", required=True)
     p.add_argument("--views", choices=VIEW_MODES, default="all")
-    p.add_argument("--holdout", type=int, default=None, metavar="K", help="put 1/K of the key frames into OUT/test, the rest into OUT/train")
+    p.add_argument("--holdout", type=int_at_least(2), default=None, metavar="K", help="put 1/K of the key frames into OUT/test, the rest into OUT/train")
     p.add_argument("--seed", type=int, default=0, help="seed of the holdout draw")
     p.add_argument("--unlabeled", action="store_true", help="questions without answers (answer null) are fine")
     p.add_argument("--resize", type=parse_size, default=None, metavar="WxH", help="scale every camera image (default: keep)")
+    p.add_argument("--image-root", default=None, help="folder every image path must stay inside (default: the folder above the JSON's)")
+    p.add_argument("--allow-outside-root", action="store_true", help="read image paths outside the image root too (absolute, ../..)")
+    p.add_argument("--allow-empty", action="store_true", help="write an empty shard set when the file yields no QA sample")
     add_common_args(p)
     return p
 
@@ -293,7 +354,8 @@ def main(argv: Optional[Sequence[str]] = None) -> ConversionReport:
     report = convert_drivelm(
         args.json, args.out, views=args.views, holdout=args.holdout, seed=args.seed, labeled=not args.unlabeled,
         resize=args.resize, skip_bad=args.skip_bad, overwrite=args.overwrite, maxcount=args.maxcount,
-        show_progress=args.progress,
+        show_progress=args.progress, image_root=args.image_root, allow_outside_root=args.allow_outside_root,
+        allow_empty=args.allow_empty,
     )
     print(report.summary())
     return report

@@ -109,8 +109,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from PIL import Image, ImageDraw
 
 from data_recipes.common import ConversionReport, progress
+from mose_lightning.config import ConfigError
 from mose_lightning.data.sample import Sample, encode_jpeg, make_key
 from mose_lightning.data.shards import ShardWriter, prepare_output_dirs
+from mose_lightning.locks import holds_lock
 from mose_lightning.planning.geometry import EGO_LENGTH, sweep_obstacles
 
 TASK_ORDER = ("general", "regional", "suggestion")
@@ -834,6 +836,7 @@ def make_sample(split: str, index: int, seed: int, width: int = 224, height: int
     )
 
 
+@holds_lock("out_dir", "mose data synthetic")
 def generate_synthetic(
     out_dir: str | os.PathLike,
     num_train: int = 1200,
@@ -853,11 +856,11 @@ def generate_synthetic(
     the question family (module doc)."""
     for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
         if value < 0:
-            raise ValueError(f"synthetic: {name} must be >= 0, got {value}")
+            raise ConfigError(f"synthetic: {name} must be >= 0, got {value}")
     if family not in FAMILIES:
-        raise ValueError(f"synthetic: family must be one of {sorted(FAMILIES)}, got {family!r}")
+        raise ConfigError(f"synthetic: family must be one of {sorted(FAMILIES)}, got {family!r}")
     if width < 64 or height < 36:
-        raise ValueError(f"synthetic: image size must be at least 64x36 to draw readable objects, got {width}x{height}")
+        raise ConfigError(f"synthetic: image size must be at least 64x36 to draw readable objects, got {width}x{height}")
     out_dir = Path(out_dir)
     sizes = dict(zip(SPLIT_NAMES, (num_train, num_val, num_test)))
     dirs = {split: out_dir / split for split in SPLIT_NAMES}

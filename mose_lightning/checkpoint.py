@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mose_lightning.config import ConfigError, ExperimentConfig, config_to_dict, load_config, resolve_path, save_config
+from mose_lightning.io import apply_umask, temp_dir
 
 WEIGHTS = "weights.safetensors"
 META = "model.json"
@@ -107,7 +107,7 @@ def backbone_fingerprint(model, full_state: Optional[Dict[str, torch.Tensor]] = 
 def save_model(model, directory: str | os.PathLike, full_state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    tmp = temp_dir(directory.parent, directory.name)
     try:
         state = _saved_state(model, full_state)
         save_file(state, str(tmp / WEIGHTS))
@@ -120,6 +120,7 @@ def save_model(model, directory: str | os.PathLike, full_state: Optional[Dict[st
             "backbone_fingerprint": backbone_fingerprint(model, full_state),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        apply_umask(tmp)  # safetensors writes its file private (0600)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -9,6 +9,9 @@
   mose demo [--config F] [key=value ...]
   mose reproduce-toy [--quick] [--configs auto|toy|coda] [--workers N] [--root DIR] [key=value ...]
   mose plan-compare [--seeds 0,1,2] [--out DIR] [key=value ...]
+
+Bad input and configuration errors print one line, `error: ...`, and exit with code 2; `--debug` (anywhere on
+the command line, or MOSE_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
-from mose_lightning.config import PROJECT_ROOT, ConfigError, load_config
+from mose_lightning.config import PROJECT_ROOT, ConfigError, load_config, run_dir_for
 
 # command -> (what the toy pipeline prepares for it, module, function); modules load lazily, so `mose params` and
 # `mose data` start without importing Lightning.
@@ -88,15 +91,20 @@ def apply_cpu_training_settings(cfg) -> None:
 
 
 def run_stage_command(stage: str, config: str, overrides: List[str]):
-    from mose_lightning import pipeline
+    from mose_lightning.locks import lock_run_dir
 
     _quiet_known_warnings()
     cfg = load_config(config, _overrides(overrides))
     if stage not in STAGE_RUNNERS:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
     prepared_as, module_name, function = STAGE_RUNNERS[stage]
+    # Before any preparation (and before importing torch): a config error or a run directory in use is reported at
+    # once, not after minutes of set-up.
+    lock_run_dir(run_dir_for(cfg, prepared_as), prepared_as)
     if stage not in ("eval", "plan-eval"):
         apply_cpu_training_settings(cfg)
+    from mose_lightning import pipeline
+
     with _one_rank_at_a_time(cfg):
         pipeline.prepare(cfg, prepared_as)
     run = getattr(importlib.import_module(module_name), function)
@@ -173,6 +181,7 @@ def _cmd_report(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a bad-input or config error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("params", help="parameter counts of an experiment config")
     p.add_argument("--config", required=True)
@@ -214,45 +223,80 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_known_warnings()
+def user_errors() -> tuple:
+    """Exceptions that report bad input or configuration (their messages name the file, key or sample), as
+    opposed to bugs."""
+    from data_recipes.common import BadInputError
+    from mose_lightning.backbones.base import BackboneError
+    from mose_lightning.data.sample import SampleError
+    from mose_lightning.data.shards import IncompleteData, ShardError
+    from mose_lightning.locks import FolderBusy
+
+    return (ConfigError, BadInputError, BackboneError, SampleError, ShardError, IncompleteData, FolderBusy,
+            FileNotFoundError)
+
+
+def _take_debug_flag(argv: List[str]) -> tuple:
+    debug = "--debug" in argv or os.environ.get("MOSE_DEBUG", "") not in ("", "0")
+    return [a for a in argv if a != "--debug"], debug
+
+
+@contextmanager
+def errors_as_one_line(debug: bool):
+    """Turn a user error into `error: <message>` on stderr and exit code 2 (the traceback with debug)."""
     try:
-        if argv and argv[0] == "data":
-            _cmd_data(None, argv[1:])
-            return
-        args = build_parser().parse_args(argv)
-        if args.command == "params":
-            _cmd_params(args)
-        elif args.command == "skills":
-            _cmd_skills(args)
-        elif args.command in STAGES:
-            run_stage_command(args.command, args.config, args.overrides)
-        elif args.command == "predict":
-            _cmd_predict(args)
-        elif args.command == "report":
-            _cmd_report(args)
-        elif args.command == "demo":
-            from mose_lightning.demo import run_demo
-
-            apply_cpu_training_settings(load_config(args.config or _TOY_MOSE, _overrides(args.overrides)))
-            run_demo(args.config, _overrides(args.overrides))
-        elif args.command == "reproduce-toy":
-            from mose_lightning.miniature import choose_configs, config_path, run_reproduce
-
-            configs = choose_configs(args.configs)
-            # The main process trains only the toy's one-time preparation; every job applies them in its own.
-            apply_cpu_training_settings(load_config(PROJECT_ROOT / config_path(configs, "mose"), _overrides(args.overrides)))
-            run_reproduce(_overrides(args.overrides), args.quick, configs, args.workers, args.root)
-        elif args.command == "plan-compare":
-            from mose_lightning.plan_compare import EXPERIMENTS, VARIANTS, run_plan_compare
-
-            # Every variant trains in this process on the same base settings: the first one's config decides.
-            apply_cpu_training_settings(load_config(EXPERIMENTS / f"{VARIANTS[0][1]}.yaml", _overrides(args.overrides)))
-            run_plan_compare(_overrides(args.overrides), _seeds(args.seeds), args.out)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        yield
+    except user_errors() as err:
+        if debug:
+            raise
+        text = str(err)
+        if "Original Traceback" in text:  # raised in a DataLoader worker: torch prepends the worker's traceback
+            text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+        message = " ".join(text.split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv, debug = _take_debug_flag(list(sys.argv[1:] if argv is None else argv))
+    _quiet_known_warnings()
+    with errors_as_one_line(debug):
+        _dispatch(argv)
+
+
+def _dispatch(argv: List[str]) -> None:
+    if argv and argv[0] == "data":
+        _cmd_data(None, argv[1:])
+        return
+    args = build_parser().parse_args(argv)
+    if args.command == "params":
+        _cmd_params(args)
+    elif args.command == "skills":
+        _cmd_skills(args)
+    elif args.command in STAGES:
+        run_stage_command(args.command, args.config, args.overrides)
+    elif args.command == "predict":
+        _cmd_predict(args)
+    elif args.command == "report":
+        _cmd_report(args)
+    elif args.command == "demo":
+        from mose_lightning.demo import run_demo
+
+        apply_cpu_training_settings(load_config(args.config or _TOY_MOSE, _overrides(args.overrides)))
+        run_demo(args.config, _overrides(args.overrides))
+    elif args.command == "reproduce-toy":
+        from mose_lightning.miniature import choose_configs, config_path, run_reproduce
+
+        configs = choose_configs(args.configs)
+        # The main process trains only the toy's one-time preparation; every job applies them in its own.
+        apply_cpu_training_settings(load_config(PROJECT_ROOT / config_path(configs, "mose"), _overrides(args.overrides)))
+        run_reproduce(_overrides(args.overrides), args.quick, configs, args.workers, args.root)
+    elif args.command == "plan-compare":
+        from mose_lightning.plan_compare import EXPERIMENTS, VARIANTS, run_plan_compare
+
+        # Every variant trains in this process on the same base settings: the first one's config decides.
+        apply_cpu_training_settings(load_config(EXPERIMENTS / f"{VARIANTS[0][1]}.yaml", _overrides(args.overrides)))
+        run_plan_compare(_overrides(args.overrides), _seeds(args.seeds), args.out)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -37,6 +38,31 @@ def _choice(section: str, key: str, value: Any, allowed: Sequence[Any]) -> None:
 def _positive(section: str, key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{section}.{key}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+def _at_least(section: str, key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{section}.{key}: expected an integer >= {low}, got {value!r}")
+
+
+def _fraction(section: str, key: str, value: float, upper_open: bool = False) -> None:
+    if not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
+        raise ConfigError(f"{section}.{key}: expected a number in [0, 1{')' if upper_open else ']'}, got {value!r}")
+
+
+_DEVICE_LIST = re.compile(r"^\[?\s*\d+\s*(,\s*\d+\s*)*,?\s*\]?$")
+
+
+def _devices(value: str) -> None:
+    """What Lightning's Trainer accepts as `devices`: auto, a count (-1: all), or device indices."""
+    text = str(value).strip()
+    if text == "auto" or text == "-1" or (text.isdigit() and int(text) > 0):
+        return
+    if "," in text or text.startswith("["):
+        if _DEVICE_LIST.match(text):
+            return
+    raise ConfigError(f"trainer.devices: expected a positive number of devices, -1 (all), auto, or device indices "
+                      f"like 0,1 or [0,1], got {value!r}")
 
 
 @dataclass
@@ -198,6 +224,11 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         _choice("data.synthetic", "family", self.family, ["driving", "perception"])
+        for key in ("num_train", "num_val", "num_test"):
+            _at_least("data.synthetic", key, getattr(self, key), 0)
+        if self.image_width < 64 or self.image_height < 36:
+            raise ConfigError(f"data.synthetic.image_width/image_height: expected at least 64x36 (objects must stay "
+                              f"readable), got {self.image_width}x{self.image_height}")
 
 
 @dataclass
@@ -229,12 +260,18 @@ class DataConfig:
     seed: int = 0
     # Use the red-box image encoding for regional questions (the sample already carries it when converted).
     system_prompt: str = "You are a careful driving assistant."
+    # Check each shard's sha256 against its manifest before reading it: eval (validation, evaluation and router
+    # inputs) | always (training too) | never. Sample counts are always checked.
+    verify_checksums: str = "eval"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
         _choice("data", "overlong", self.overlong, ["skip", "truncate_prompt"])
+        _choice("data", "verify_checksums", self.verify_checksums, ["eval", "always", "never"])
         for key in ("image_width", "image_height", "max_length", "batch_size", "eval_batch_size"):
             _positive("data", key, getattr(self, key))
+        for key in ("num_workers", "shuffle_buffer", "samples_per_epoch", "train_limit"):
+            _at_least("data", key, getattr(self, key), 0)
 
 
 @dataclass
@@ -253,6 +290,11 @@ class OptimConfig:
         _choice("optim", "name", self.name, ["adamw"])
         _choice("optim", "scheduler", self.scheduler, ["cosine", "constant", "linear"])
         _positive("optim", "lr", self.lr)
+        _positive("optim", "weight_decay", self.weight_decay, allow_zero=True)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas: expected two numbers in [0, 1) like [0.9, 0.999], got {list(self.betas)}")
+        _fraction("optim", "warmup_ratio", self.warmup_ratio)
+        _fraction("optim", "min_lr_ratio", self.min_lr_ratio)
 
 
 @dataclass
@@ -283,10 +325,18 @@ class TrainerConfig:
     cpu_allocator_tuning: bool = True
 
     def __post_init__(self) -> None:
+        _choice("trainer", "accelerator", self.accelerator, ["auto", "cpu", "gpu", "cuda", "mps", "tpu"])
+        _devices(self.devices)
         _choice("trainer", "strategy", self.strategy, ["auto", "ddp", "ddp_spawn", "fsdp", "single_device"])
         _choice("trainer", "precision", self.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"])
         _choice("trainer", "nonfinite", self.nonfinite, ["stop", "skip"])
         _positive("trainer", "max_steps", self.max_steps)
+        for key in ("num_nodes", "accumulate_grad_batches", "log_every_n_steps", "val_every_n_steps",
+                    "checkpoint_every_n_steps"):
+            _at_least("trainer", key, getattr(self, key), 1)
+        for key in ("limit_val_batches", "num_threads"):
+            _at_least("trainer", key, getattr(self, key), 0)
+        _positive("trainer", "gradient_clip_val", self.gradient_clip_val, allow_zero=True)
         if self.strategy == "fsdp" and self.precision == "bf16-true" and str(self.devices) == "1" and self.num_nodes == 1:
             # Measured on an H100 (torch 2.11): FSDP on one device runs unsharded, and its parameter views then
             # break on the tied embeddings of Qwen2-VL after the first forward. bf16-mixed runs there.
@@ -312,6 +362,14 @@ class RouterPretrainConfig:
     max_samples: int = 0
     cache_dir: str = "artifacts/router_cache"
 
+    def __post_init__(self) -> None:
+        _at_least("router_pretrain", "epochs", self.epochs, 1)
+        _at_least("router_pretrain", "batch_size", self.batch_size, 1)
+        _at_least("router_pretrain", "max_samples", self.max_samples, 0)
+        _positive("router_pretrain", "lr", self.lr)
+        _positive("router_pretrain", "weight_decay", self.weight_decay, allow_zero=True)
+        _fraction("router_pretrain", "holdout_fraction", self.holdout_fraction, upper_open=True)
+
 
 @dataclass
 class LLMClientConfig:
@@ -330,6 +388,16 @@ class LLMClientConfig:
     backoff_max_s: float = 30.0
     cache_dir: str = "artifacts/llm_cache"
 
+    def check(self, section: str) -> None:
+        """Range checks, named under `section` (the same client config sits under eval.judge and annotate)."""
+        _positive(section, "temperature", self.temperature, allow_zero=True)
+        _at_least(section, "max_tokens", self.max_tokens, 1)
+        _at_least(section, "max_concurrency", self.max_concurrency, 1)
+        _at_least(section, "max_retries", self.max_retries, 0)
+        _positive(section, "timeout_s", self.timeout_s)
+        _positive(section, "backoff_base_s", self.backoff_base_s, allow_zero=True)
+        _positive(section, "backoff_max_s", self.backoff_max_s, allow_zero=True)
+
 
 @dataclass
 class JudgeConfig:
@@ -340,6 +408,9 @@ class JudgeConfig:
     prompts_dir: Optional[str] = None
     # Times an unparsable reply is asked again before it counts as a failure.
     parse_retries: int = 2
+    # An unreachable judge (connection refused, timeouts after every retry) stops the evaluation with an error
+    # naming client.base_url; true: evaluate without the judge's scores (results.md says why they are missing).
+    allow_unreachable: bool = False
 
 
 @dataclass
@@ -369,6 +440,7 @@ class AnnotateConfig:
 
     def __post_init__(self) -> None:
         _choice("annotate", "annotator", self.annotator, ["rule", "gpt"])
+        _at_least("annotate", "sample", self.sample, 0)
 
 
 @dataclass
@@ -382,6 +454,9 @@ class EvalConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     # Samples shown in the HTML report.
     html_samples: int = 50
+    # Fewer samples scored than the split's manifests hold (damaged shards, undecodable samples) is an error;
+    # true: score the rest, recorded as partial in scores.json and results.md with the missing keys and shards.
+    allow_partial: bool = False
     # What picks the skill experts while generating (MoSE, expert groups): router (the model's own routing),
     # labels (oracle routing: the samples' skill labels), shuffled (a control: each sample takes the routes of
     # another sample of its batch, a seeded derangement: the same route frequencies, the wrong samples' skills).
@@ -391,6 +466,12 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _choice("eval", "split", self.split, ["test", "val"])
         _choice("eval", "route_source", self.route_source, ["router", "labels", "shuffled"])
+        _at_least("eval", "max_new_tokens", self.max_new_tokens, 1)
+        _at_least("eval", "batch_size", self.batch_size, 1)
+        for key in ("limit", "html_samples"):
+            _at_least("eval", key, getattr(self, key), 0)
+        _at_least("eval.judge", "parse_retries", self.judge.parse_retries, 0)
+        self.judge.client.check("eval.judge.client")
 
 
 
@@ -510,6 +591,9 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
 
+    def __post_init__(self) -> None:
+        self.annotate.client.check("annotate.client")
+
 
 def _read_yaml_with_bases(path: Path, seen: tuple = ()) -> Any:
     if not path.is_file():
@@ -583,6 +667,16 @@ def save_config(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> Path:
     out = Path(run_dir) / "config.yaml"
     atomic_write_text(out, to_yaml(cfg))
     return out
+
+
+def run_dir_for(cfg: ExperimentConfig, stage: str) -> Path:
+    """Where a stage of this experiment writes: `run_dir`, or runs/<name>/<stage> (a planner evaluation: the
+    evaluated run's eval/)."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    if stage == "plan_eval" and cfg.init_from:
+        return Path(cfg.init_from) / "eval"
+    return Path("runs") / cfg.name / stage
 
 
 def resolve_path(path: str | os.PathLike) -> Path:

@@ -1,39 +1,94 @@
-"""Atomic file output: a reader (or a resumed run) never sees half a file."""
+"""Atomic file output: a reader (or a resumed run) never sees half a file.
+
+Temporary files and folders are created beside their target, named `.<target>.<random>.tmp`, with the
+permissions the process's umask gives any other new file (tempfile's own are private: 0600 / 0700, which would
+hide a run's outputs from the rest of a team sharing the machine). `remove_stale_temporaries` clears what a killed
+writer left behind, once the caller knows that no other writer is active (it holds the folder's lock).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, List
+
+TEMP_SUFFIX = ".tmp"
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which would
+    briefly give other threads' new files the wrong permissions)."""
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+def file_mode() -> int:
+    return 0o666 & ~current_umask()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def dir_mode() -> int:
+    return 0o777 & ~current_umask()
+
+
+def temp_file(folder: str | os.PathLike, name: str) -> tuple:
+    """(fd, path) of a new temporary file for `folder/name`, with umask permissions."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=TEMP_SUFFIX)
+    os.fchmod(fd, file_mode())
+    return fd, tmp
+
+
+def temp_dir(folder: str | os.PathLike, name: str) -> Path:
+    """A new temporary folder for `folder/name`, with umask permissions."""
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}.", suffix=TEMP_SUFFIX))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give `path` (and, for a folder, everything in it) the permissions of a new file under the umask: for
+    writers that create private files themselves (safetensors does)."""
+    path = Path(path)
+    targets = [path] + (sorted(path.rglob("*")) if path.is_dir() else [])
+    for target in targets:
+        if not target.is_symlink():
+            os.chmod(target, dir_mode() if target.is_dir() else file_mode())
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> List[str]:
+    """Remove the temporary files and folders (`.*.tmp`, and the `.*.old` a directory swap leaves) directly in
+    `folder`; returns their names. Only for a folder whose lock the caller holds: another writer's live
+    temporaries would go too."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for child in sorted(folder.iterdir()):
+        name = child.name
+        if not (name.startswith(".") and (name.endswith(TEMP_SUFFIX) or name.endswith(".old"))):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+        removed.append(name)
+    return removed
+
+
+def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -44,3 +99,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file in the same folder and rename, so a reader never sees half a file."""
+    _atomic_write(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic_write(path, data)

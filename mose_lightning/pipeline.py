@@ -136,6 +136,10 @@ def ensure_trained_model(cfg: ExperimentConfig, kind_for_source: str = "") -> No
 def prepare(cfg: ExperimentConfig, stage: str) -> None:
     """Create what `stage` needs on the toy default."""
     ensure_synthetic_data(cfg)
+    if stage == "eval" and cfg.init_from:
+        # A saved model is rebuilt from its own config (backbone included): the eval config's toy backbone and
+        # its instruction tuning play no part.
+        return
     ensure_toy_backbone(cfg)
     if stage == "sft":
         ensure_router_checkpoint(cfg)

@@ -45,9 +45,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if stage is None or config is None:
         print("usage: run.py stage=pretrain-router|sft|expert-group|eval config=FILE [key=value ...]", file=sys.stderr)
         raise SystemExit(2)
-    from mose_lightning.cli import run_stage_command
+    from mose_lightning.cli import _take_debug_flag, errors_as_one_line, run_stage_command
 
-    run_stage_command(stage.replace("_", "-"), config, launcher_overrides() + overrides)
+    overrides, debug = _take_debug_flag(overrides)
+    with errors_as_one_line(debug):
+        run_stage_command(stage.replace("_", "-"), config, launcher_overrides() + overrides)
 
 
 if __name__ == "__main__":

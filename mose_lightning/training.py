@@ -1,9 +1,11 @@
 """Trainer construction shared by the stages: strategy, precision, run directory, atomic checkpoints, resume.
 
 A run directory holds config.yaml (resolved), tb/ (TensorBoard), checkpoints/ (Lightning, for resume),
-model/ (the saved model, see mose_lightning.checkpoint) and metrics.json. Started again with the same command
-after a kill, a run resumes from checkpoints/last.ckpt; checkpoints are written to a temporary file and renamed,
-so a kill during a save leaves the previous good checkpoint in place.
+model/ (the saved model, see mose_lightning.checkpoint), metrics.json and, when samples were skipped,
+skipped.jsonl. Started again with the same command after a kill, a run resumes from checkpoints/last.ckpt;
+checkpoints are written to a temporary file and renamed, so a kill during a save leaves the previous good
+checkpoint in place. One run at a time per run directory: a run holds the directory's lock (mose_lightning.locks)
+from `start_run` to `finish_run`, and removes the temporaries a killed run left there once it has the lock.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -23,9 +24,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import FSDPPrecision, HalfPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
-from mose_lightning.config import ExperimentConfig, save_config
-from mose_lightning.io import atomic_write_json
+from mose_lightning import locks
+from mose_lightning.config import ExperimentConfig, run_dir_for, save_config  # noqa: F401 (run_dir_for: stages)
+from mose_lightning.data import skips
+from mose_lightning.io import atomic_write_json, temp_file
+from mose_lightning.locks import lock_run_dir
 from mose_lightning.moe.routing import SequenceSkillRouter
+
+# The final metrics of a fit, recorded before the model is saved: a run killed during the save (whose rerun resumes
+# at its last step and trains nothing) still finishes with them.
+FINAL_METRICS = "final_metrics.json"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -37,7 +45,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # A run killed in the middle of a save leaves its temporary file behind; the next save clears it.
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = temp_file(path.parent, path.name)
         os.close(fd)
         try:
             torch.save(checkpoint, tmp)
@@ -47,12 +55,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.unlink(tmp)
 
 
-def run_dir_for(cfg: ExperimentConfig, stage: str) -> Path:
-    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name / stage
-
-
 def is_global_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and (
+    return locks.launcher_rank() == 0 and (
         not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     )
 
@@ -174,7 +178,8 @@ def make_trainer(cfg: ExperimentConfig, run_dir: Path, model=None, callbacks: Op
     )
     # A plain tqdm bar: readable in a terminal and in a log file alike (the rich bar shows nothing in a pipe).
     progress = TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps))
-    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), progress] + list(callbacks or [])
+    all_callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), progress,
+                     skips.SkippedSamples(run_dir)] + list(callbacks or [])
     precision, precision_plugins = precision_and_plugins(cfg, model)
     return pl.Trainer(
         accelerator=t.accelerator,
@@ -213,21 +218,49 @@ def start_run(cfg: ExperimentConfig, stage: str) -> Path:
     apply_threads(cfg)
     run_dir = run_dir_for(cfg, stage)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(run_dir, stage)
     if is_global_zero():
         save_config(cfg, run_dir)
     return run_dir
 
 
-def finish_run(run_dir: Path, metrics: Dict[str, Any]) -> Dict[str, Any]:
-    """Write the run's final metrics and return them. Rerunning a finished run resumes at its last step and trains
-    nothing, so its trainer has no training metrics: the values recorded at that same step are kept."""
-    path = run_dir / "metrics.json"
-    if "steps" in metrics and path.is_file():
-        previous = json.loads(path.read_text())
-        if previous.get("steps") == metrics["steps"]:
-            metrics = {**previous, **metrics}
+def _with_recorded(run_dir: Path, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """`metrics` completed with what the run recorded at the same step: a rerun of a finished run (or of one killed
+    after training) resumes at its last step and trains nothing, so its trainer has no training metrics."""
+    if "steps" not in metrics:
+        return metrics
+    for path in (run_dir / "checkpoints" / FINAL_METRICS, run_dir / "metrics.json"):
+        if path.is_file():
+            try:
+                previous = json.loads(path.read_text())
+            except ValueError:
+                continue
+            if isinstance(previous, dict) and previous.get("steps") == metrics["steps"]:
+                metrics = {**previous, **metrics}
+    return metrics
+
+
+def record_final_metrics(run_dir: Path, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Keep a fit's final metrics beside its checkpoints before the model is saved; returns them completed as
+    `_with_recorded` does."""
+    metrics = _with_recorded(run_dir, metrics)
     if is_global_zero():
-        atomic_write_json(path, metrics)
+        atomic_write_json(run_dir / "checkpoints" / FINAL_METRICS, metrics)
+    return metrics
+
+
+def finish_run(run_dir: Path, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Write the run's final metrics (completed with the ones recorded at the same step, see `_with_recorded`),
+    list the samples its readers skipped (skipped.jsonl, a summary printed), release the run directory; returns
+    the metrics."""
+    metrics = _with_recorded(run_dir, metrics)
+    if is_global_zero():
+        skipped = skips.merge_parts(run_dir)
+        if len(skipped):
+            metrics["skipped"] = skipped.counts()
+            print(f"note: {skipped.summary(run_dir / skips.SKIPPED_FILE)}")
+        atomic_write_json(run_dir / "metrics.json", metrics)
+    locks.release(run_dir)
     return metrics
 
 

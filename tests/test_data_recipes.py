@@ -162,6 +162,62 @@ def test_reader_damaged_tar_and_bad_member(tmp_path):
     assert len(stats.skipped) == 1 and "s_1" in stats.skipped[0]
 
 
+def _four_sample_shard(out: Path) -> Path:
+    with ShardWriter(out, maxcount=100) as w:
+        for i in range(4):
+            w.write(_sample(key=f"s_{i}", images=[_jpeg(color=(i * 40, 0, 0))]))
+    return out / "shard-000000.tar"
+
+
+def _cut_after_samples(shard: Path, keep: int) -> None:
+    """Cut the tar where the member after the first `keep` samples starts: a 512-byte record boundary, what a copy
+    that stopped early leaves behind."""
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    end = members[2 * keep].offset  # two members (0.jpg, json) per sample
+    assert end % 512 == 0
+    data = shard.read_bytes()[:end]
+    shard.chmod(0o644)
+    shard.write_bytes(data)
+
+
+def test_manifest_records_count_and_sha256(tmp_path):
+    import hashlib
+
+    shard = _four_sample_shard(tmp_path / "s")
+    (entry,) = read_manifest(tmp_path / "s")["shards"]
+    assert entry["count"] == 4 and entry["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+
+
+def test_shard_cut_at_a_record_boundary_is_a_damaged_shard(tmp_path):
+    shard = _four_sample_shard(tmp_path / "s")
+    _cut_after_samples(shard, 2)
+    # The premise: tar itself reads the cut file as a valid archive of two samples.
+    with tarfile.open(shard) as tar:
+        assert sorted(tar.getnames()) == ["s_0.0.jpg", "s_0.json", "s_1.0.jpg", "s_1.json"]
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: damaged: 2 samples, the manifest lists 4"):
+        list(iter_samples(str(tmp_path / "s")))
+    stats = ReadStats()
+    assert [s.key for s in iter_samples(str(tmp_path / "s"), on_error="skip", stats=stats)] == ["s_0", "s_1"]
+    assert [(p["reason"], p["shard"], p["samples"]) for p in stats.problems] == [("damaged shard", str(shard), 2)]
+
+
+def test_changed_shard_fails_the_checksum_when_asked(tmp_path):
+    shard = _four_sample_shard(tmp_path / "s")
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        image = tar.getmember("s_2.0.jpg")
+    data[image.offset_data + image.size // 2] ^= 0xFF  # same size, same sample count: only the checksum tells
+    shard.chmod(0o644)
+    shard.write_bytes(bytes(data))
+    assert [s.key for s in iter_samples(str(tmp_path / "s"))] == ["s_0", "s_1", "s_2", "s_3"]
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: damaged: sha256"):
+        list(iter_samples(str(tmp_path / "s"), verify_checksum=True))
+    stats = ReadStats()
+    assert list(iter_samples(str(tmp_path / "s"), on_error="skip", stats=stats, verify_checksum=True)) == []
+    assert [(p["reason"], p["samples"]) for p in stats.problems] == [("damaged shard", 4)]
+
+
 # --- CODA-LM -----------------------------------------------------------------------------------------------------
 
 
@@ -425,3 +481,120 @@ def test_synthetic_answers_depend_on_image_and_skills_covered():
         assert len(questions[task]) == 1  # one fixed question per task ...
         assert len(answers[task]) >= 10  # ... whose answer changes with the scene
     assert seen == {lv: set(names) for lv, names in levels.items()}
+
+
+# --- bad input that used to pass or crash ------------------------------------------------------------------------
+
+
+def test_coda_lm_region_keys_that_collide_name_both_entries(tmp_path):
+    ann = _coda_ann([_region([10, 10, 20, 10])])
+    ann["region_perception"]["1 "] = _region([50, 5, 10, 20], "traffic_cone", "A cone.")
+    root = make_coda_root(tmp_path / "coda", anns={"0001": ann})
+    with pytest.raises(BadInputError) as err:
+        coda_lm.convert_coda_lm(root, "Train", tmp_path / "out")
+    message = str(err.value)
+    assert "val_0001.json: entry region_perception['1 ']" in message
+    assert "already taken by" in message and "entry region_perception.1 " in message + " "
+    report = coda_lm.convert_coda_lm(root, "Train", tmp_path / "out", skip_bad=True)
+    assert report.tasks == {"general": 1, "regional": 1, "suggestion": 1}
+    (skipped,) = read_manifest(tmp_path / "out")["skipped"]
+    assert skipped["entry"] == "region_perception['1 ']" and "region_perception.1" in skipped["reason"]
+    (regional,) = [s for s in iter_samples(str(tmp_path / "out")) if s.task == "regional"]
+    assert regional.answer == "A car in front."  # the first entry keeps the key
+
+
+def test_coda_lm_files_whose_keys_collide_name_both_files(tmp_path):
+    root = make_coda_root(tmp_path / "coda", anns={"a.b": _coda_ann([]), "a_b": _coda_ann([], general="Other.")})
+    with pytest.raises(BadInputError, match=r"val_a_b\.json: entry general_perception: .* taken by \S*val_a\.b\.json"):
+        coda_lm.convert_coda_lm(root, "Train", tmp_path / "out")
+    report = coda_lm.convert_coda_lm(root, "Train", tmp_path / "out", skip_bad=True)
+    assert report.num_samples == 2 and {Path(e["file"]).name for e in report.skipped} == {"val_a_b.json"}
+    assert len(report.skipped) == 2
+
+
+def test_duplicate_json_keys_are_bad_input_naming_the_key(tmp_path):
+    root = make_coda_root(tmp_path / "coda", anns={"0001": _coda_ann([]), "0002": _coda_ann([])})
+    path = root / "CODA-LM" / "Train" / "val_0001.json"
+    text = path.read_text()
+    path.write_text(text[:-1] + ', "driving_suggestion": "Speed up."}')
+    with pytest.raises(BadInputError, match=r"val_0001\.json: entry <file>: duplicate JSON key 'driving_suggestion'"):
+        coda_lm.convert_coda_lm(root, "Train", tmp_path / "out")
+    report = coda_lm.convert_coda_lm(root, "Train", tmp_path / "out", skip_bad=True)
+    assert report.num_samples == 2 and report.skipped[0]["entry"] == "<file>"
+
+    js = make_drivelm(tmp_path / "dl", n_frames=2)
+    raw = js.read_text()
+    # The second key frame under the first one's token: json.load would keep only the second.
+    js.write_text(raw.replace('"frame1"', '"frame0"'))
+    with pytest.raises(BadInputError, match=r"mini\.json: duplicate JSON key 'frame0'"):
+        drivelm.convert_drivelm(js, tmp_path / "dl_out", skip_bad=True)
+
+
+def test_drivelm_frame_token_in_two_scenes_names_both(tmp_path):
+    js = make_drivelm(tmp_path, n_frames=2)
+    data = json.loads(js.read_text())
+    data["scene1"] = {"scene_description": "Again.", "key_frames": {"frame1": data["scene0"]["key_frames"]["frame1"]}}
+    js.write_text(json.dumps(data))
+    with pytest.raises(BadInputError, match=r"scene scene1 / frame frame1: the frame token is also a key frame of scene scene0"):
+        drivelm.convert_drivelm(js, tmp_path / "out")
+    report = drivelm.convert_drivelm(js, tmp_path / "out", skip_bad=True)
+    assert report.num_samples == 10 and report.skipped[0]["samples"] == 5
+
+
+def test_drivelm_image_paths_outside_the_dataset_root_are_refused(tmp_path):
+    js = make_drivelm(tmp_path / "DriveLM", n_frames=3)
+    outside = tmp_path / "elsewhere" / "front.jpg"
+    outside.parent.mkdir()
+    Image.new("RGB", (32, 18), (1, 2, 3)).save(outside)
+    data = json.loads(js.read_text())
+    frames = data["scene0"]["key_frames"]
+    frames["frame0"]["image_paths"]["CAM_FRONT"] = str(outside)
+    frames["frame1"]["image_paths"]["CAM_BACK"] = "../../etc/passwd"
+    js.write_text(json.dumps(data))
+    with pytest.raises(BadInputError, match=r"frame frame0: image_paths\.CAM_FRONT: .*front\.jpg' lies outside the dataset root"):
+        drivelm.convert_drivelm(js, tmp_path / "out")
+    report = drivelm.convert_drivelm(js, tmp_path / "out", skip_bad=True)
+    assert report.num_samples == 5
+    assert {e["entry"] for e in report.skipped} == {"scene scene0 / frame frame0", "scene scene0 / frame frame1"}
+    assert any("'../../etc/passwd' lies outside" in e["reason"] for e in report.skipped)
+    # Allowed: the absolute path is read; ../../etc/passwd (from the JSON's folder: tmp_path/etc/passwd) is missing.
+    report = drivelm.convert_drivelm(js, tmp_path / "allowed", allow_outside_root=True, skip_bad=True)
+    assert report.num_samples == 10 and [e["entry"] for e in report.skipped] == ["scene scene0 / frame frame1"]
+    assert "image not found" in report.skipped[0]["reason"]
+    # A dataset whose nuscenes/ folder is a link to another disk stays inside its root.
+    good = make_drivelm(tmp_path / "DriveLM2", n_frames=1)
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "DriveLM2" / "nuscenes").rename(tmp_path / "disk" / "nuscenes")
+    (tmp_path / "DriveLM2" / "nuscenes").symlink_to(tmp_path / "disk" / "nuscenes")
+    assert drivelm.convert_drivelm(good, tmp_path / "linked").num_samples == 5
+
+
+def test_drivelm_file_without_qa_is_an_error_unless_allowed(tmp_path):
+    js = make_drivelm(tmp_path, n_frames=1)
+    data = json.loads(js.read_text())
+    data["scene0"]["key_frames"]["frame0"]["QA"] = {}
+    js.write_text(json.dumps(data))
+    with pytest.raises(BadInputError, match=r"mini\.json: no QA sample to write"):
+        drivelm.convert_drivelm(js, tmp_path / "out")
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+    assert drivelm.convert_drivelm(js, tmp_path / "out", allow_empty=True).num_samples == 0
+    assert read_manifest(tmp_path / "out")["num_samples"] == 0
+
+
+def test_data_commands_print_bad_input_as_one_error_line(tmp_path, capsys):
+    from mose_lightning import cli
+
+    anns = {"0001": _coda_ann([_region([90, 40, 20, 20])])}
+    root = make_coda_root(tmp_path / "coda", anns=anns)
+    args = ["data", "coda-lm", "--root", str(root), "--split", "Train", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and "val_0001.json: entry region_perception.1" in err
+    with pytest.raises(BadInputError):  # --debug: the exception itself, with its traceback
+        cli.main(args + ["--debug"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "drivelm", "--json", str(tmp_path / "missing.json"), "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: drivelm: ") and "missing.json not found" in err

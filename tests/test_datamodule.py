@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -16,7 +17,7 @@ from mose_lightning.backbones.qwen2_vl import END_OF_TURN
 from mose_lightning.data.datamodule import DriveDataModule, ShardStream, _Collate
 from mose_lightning.data.encode import EncodeSettings, Overlong, SampleEncoder
 from mose_lightning.data.sample import Sample
-from mose_lightning.data.shards import ShardWriter, expand_shards, iter_records, iter_samples
+from mose_lightning.data.shards import ShardWriter, expand_shards, file_sha256, iter_records, iter_samples
 from mose_lightning.skills import load_taxonomy
 
 
@@ -201,13 +202,22 @@ def _append_raw_record(shard: str, key: str, members: dict) -> None:
             dst.addfile(info, io.BytesIO(payload))
     Path(shard).chmod(0o644)
     Path(shard).write_bytes(out.getvalue())
+    # As if the converter had written the record: the manifest lists it (else the shard reads as damaged).
+    manifest_path = Path(shard).parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] == Path(shard).name:
+            entry["count"] += 1
+            entry["sha256"] = file_sha256(shard)
+    manifest_path.write_text(json.dumps(manifest))
 
 
 @pytest.fixture()
 def damaged_shards(tmp_path, val_samples):
     """Good samples, one undecodable image, one record with broken json, and a shard cut off mid-member (last).
 
-    Returns (shards, good keys the reader must deliver, keys that may come out of the damaged shard)."""
+    Returns (shards, good keys the reader must deliver, keys that may come out of the damaged shard); the
+    undecodable sample's key is the second good sample's key + "_badjpg"."""
     good = val_samples[:6]
     samples = [good[0], _broken_image(good[1]), *good[1:6]]
     shards = write_shards(tmp_path / "damaged", samples, maxcount=4)
@@ -226,9 +236,10 @@ def test_bad_samples_are_skipped_and_counted(dm, damaged_shards, world):
 
     shards, good_keys, maybe_keys = damaged_shards
     total = count_samples(shards)
-    assert len(good_keys) + 1 <= total <= len(good_keys) + 1 + len(maybe_keys)
+    # The manifests' count: the good samples, the two bad records and the three the cut shard was written with.
+    assert total == len(good_keys) + 2 + len(maybe_keys)
     per_rank = -(-total // world)
-    seen, skipped, items = [], Counter(), []
+    seen, skipped, items, records = [], Counter(), [], []
     for rank in range(world):
         stream = ShardStream(shards, dm.encoder(True), rank, world, False, 0, 0, total=total)
         batches = list(DataLoader(stream, batch_size=2, collate_fn=_Collate(0, "right")))
@@ -236,10 +247,20 @@ def test_bad_samples_are_skipped_and_counted(dm, damaged_shards, world):
         seen += [m["key"] for b in batches for m in b["meta"] if not m["pad"]]
         for b in batches:
             skipped.update(b["skipped"])
+            records += b["skipped_samples"]
     assert len(seen) == len(set(seen))
     assert good_keys <= set(seen) <= good_keys | maybe_keys
     # Each problem counted once across ranks, including the damaged tail that comes after the last sample.
     assert skipped == {"undecodable": 1, "malformed record": 1, "damaged shard": 1}
+    # ... and listed with its key and shard (the damaged shard with the samples it lost).
+    by_reason = {r["reason"]: r for r in records}
+    assert len(records) == 3
+    undecodable_key = next(k for k in shard_of_keys(shards[:2]) if k.endswith("_badjpg"))
+    assert (by_reason["undecodable"]["key"], by_reason["undecodable"]["shard"]) == (undecodable_key, shards[0])
+    assert (by_reason["malformed record"]["key"], by_reason["malformed record"]["shard"]) == ("broken_json", shards[0])
+    damaged = by_reason["damaged shard"]
+    assert damaged["shard"] == shards[2] and damaged["key"] is None
+    assert damaged["samples"] == len(maybe_keys) - len(set(seen) & maybe_keys)
     # Skipping does not break equal counts across ranks: every rank still yields ceil(total / world) items.
     assert items == [per_rank] * world
 

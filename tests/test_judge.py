@@ -129,13 +129,95 @@ def test_parse_rating_and_score():
     assert parse_rating("Rating: [[8]]") == 8
     assert parse_rating("rating:[[ 6.5 ]] ") == 6.5
     assert parse_rating("first [[3]] then Rating: [[9]]") == 9
-    for bad in ("no rating", "Rating: [[0]]", "Rating: [[11]]", "Rating: [[-2]]", "Rating: 7", ""):
+    assert parse_rating("**Rating:** [[6]]") == 6
+    for bad in ("no rating", "Rating: [[0]]", "Rating: [[11]]", "Rating: [[-2]]", "Rating: 7", "", "[[7]]"):
         with pytest.raises(ValueError):
             parse_rating(bad)
     assert parse_score_100("85") == 85 and parse_score_100("Score: 72.5/100") == 72.5
     for bad in ("excellent", "150", "-5", ""):
         with pytest.raises(ValueError):
             parse_score_100(bad)
+
+
+def test_rating_is_the_labelled_one_and_two_ratings_are_ambiguous():
+    assert parse_rating("Rating: [[7]] (the reference would get [[10]])") == 7
+    assert parse_rating("Rating: [[7]]. To repeat, Rating: [[7]]") == 7
+    with pytest.raises(ValueError, match="ambiguous"):
+        parse_rating("Rating: [[7]] or perhaps Rating: [[9]]")
+
+
+def test_drivelm_score_is_the_score_not_the_first_number():
+    assert parse_score_100("Score (0-100): 72") == 72
+    assert parse_score_100("1. The objects match.\n2. One position is off, so a score 80") == 80
+    assert parse_score_100("I would give it a score of 64 out of 100.") == 64
+    assert parse_score_100("On a 0-100 scale: 55") == 55
+    for ambiguous in ("Score: 70. On reflection, score: 80", "2 objects right, 1 wrong: 60"):
+        with pytest.raises(ValueError, match="ambiguous"):
+            parse_score_100(ambiguous)
+
+
+def test_ambiguous_reply_is_asked_again(tmp_path):
+    script = PerKeyScript({"[g1]": [Reply.text("Rating: [[7]] or Rating: [[9]]"), Reply.text("Rating: [[8]]")],
+                           "[g2]": [Reply.text("Rating: [[2]] and Rating: [[3]]")]})
+    with OpenAIServer(script) as server:
+        report = judge_coda([pred("g1", "general"), pred("g2", "general")], judge_cfg(server, tmp_path))
+    by_key = {r.key: r for r in report.ratings}
+    assert by_key["g1"].rating == 8 and by_key["g1"].attempts == 2
+    assert not by_key["g2"].ok and "ambiguous" in by_key["g2"].error and script.hits["[g2]"] == 3
+
+
+def test_a_task_without_any_judgement_leaves_the_overall_score_undefined(tmp_path):
+    """Every General reply fails: the overall score is undefined (never the mean of Regional and Suggestion),
+    and scores.json and results.md say why."""
+    from mose_lightning.config import ExperimentConfig
+    from mose_lightning.evaluation.report import write_results
+    from mose_lightning.stages.evaluate import score_records
+
+    script = PerKeyScript({"[g1]": [Reply.text("No idea.")], "[r1]": [Reply.text("Rating: [[9]]")],
+                           "[s1]": [Reply.text("Rating: [[7]]")]})
+    items = [pred("g1", "general"), pred("r1", "regional", "vehicle"), pred("s1", "suggestion")]
+    records = [dict(item, dataset="coda_lm", question="q", skills=None, skill_chain=[], images=[]) for item in items]
+    with OpenAIServer(script) as server:
+        cfg = ExperimentConfig()
+        cfg.eval.judge = judge_cfg(server, tmp_path)
+        report = judge_coda(items, cfg.eval.judge)
+        scores, _ = score_records(records, cfg)
+    assert report.tasks["general"].score is None and report.tasks["regional"].score == pytest.approx(90.0)
+    assert report.overall is None
+    assert scores["coda"]["overall"] is None
+    assert any("general: no score: all 1 judgements failed (unparsable replies: 1)" in n for n in scores["coda"]["notes"])
+    write_results(tmp_path / "run", scores, {"moe_kind": "mose"})
+    table = (tmp_path / "run" / "results.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| MoSE"))
+    assert [c.strip() for c in row.strip("|").split("|")][2:] == ["-", "90.00", "70.00", "-"]
+    assert "general: no score: all 1 judgements failed" in table and "Overall score undefined" in table
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"  # nothing listens there once the socket is closed
+
+
+def test_unreachable_judge_is_an_error_naming_the_url_not_the_key(tmp_path):
+    from mose_lightning.evaluation.judge import JudgeUnreachable
+
+    url = _closed_port_url()
+    cfg = JudgeConfig(enabled=True, client=LLMClientConfig(base_url=url, api_key_env=KEY_ENV, max_concurrency=1,
+                                                           max_retries=2, timeout_s=5.0, backoff_base_s=0.001,
+                                                           backoff_max_s=0.01, cache_dir=str(tmp_path / "c")))
+    with pytest.raises(JudgeUnreachable) as err:
+        judge_coda(CODA_ITEMS, cfg)
+    assert url in str(err.value) and "allow_unreachable" in str(err.value) and SECRET not in str(err.value)
+    cfg.allow_unreachable = True
+    report = judge_coda(CODA_ITEMS, cfg)
+    # The first request tried 1 + max_retries times; the others were not sent once the judge was unreachable.
+    assert report.stats["calls"] == 3 and report.stats["failures_transport"] == len(CODA_ITEMS)
+    assert report.overall is None and all(not r.ok for r in report.ratings)
+    assert any(url in n and "unreachable" in n for n in report.notes) and SECRET not in json.dumps(report.to_dict())
 
 
 def test_drivelm_judge(tmp_path):

@@ -17,9 +17,11 @@ from mose_lightning.annotate.rules import annotate_rule
 from mose_lightning.config import AnnotateConfig
 from mose_lightning.data.sample import decode_images
 from mose_lightning.data.shards import ShardWriter, iter_samples, prepare_output_dirs
+from mose_lightning.locks import holds_lock
 from mose_lightning.skills import SkillTaxonomy
 
 
+@holds_lock("out_dir", "mose skills annotate")
 def annotate_shards(shards: str, out_dir: str | Path, taxonomy: SkillTaxonomy, cfg: AnnotateConfig,
                     maxcount: int = 200) -> Dict[str, Any]:
     samples = list(iter_samples(shards))

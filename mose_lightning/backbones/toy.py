@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -26,6 +25,7 @@ from torch import nn
 from mose_lightning.backbones.base import BackboneAdapter, BackboneError, instantiate_on_meta, torch_dtype
 from mose_lightning.backbones.toy_tokenizer import DEFAULT_BPE_VOCAB, build_toy_tokenizer
 from mose_lightning.config import BackboneConfig, ToyBackboneConfig, resolve_path
+from mose_lightning.io import apply_umask, temp_dir
 
 # Bump when the toy's construction changes in a way a cached copy would not reflect.
 TOY_FORMAT_VERSION = 1
@@ -132,12 +132,13 @@ def ensure_toy_dir(cfg: BackboneConfig) -> Path:
         return path
     validate_toy(cfg.toy)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.building-"))
+    tmp = temp_dir(path.parent, f"{path.name}.building")
     try:
         model, processor = build_toy(cfg.toy)
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
         (tmp / FINGERPRINT_FILE).write_text(json.dumps(_fingerprint(cfg.toy), indent=2, sort_keys=True) + "\n")
+        apply_umask(tmp)  # safetensors writes its file private (0600)
         try:
             os.rename(tmp, path)
         except OSError:

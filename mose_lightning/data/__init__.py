@@ -17,11 +17,13 @@ from mose_lightning.data.shards import (
     ShardError,
     ShardWriter,
     expand_shards,
+    file_sha256,
     is_complete,
     iter_records,
     iter_samples,
     prepare_output_dirs,
     read_manifest,
+    shard_expectations,
 )
 
 __all__ = [
@@ -37,11 +39,13 @@ __all__ = [
     "decode_images",
     "encode_jpeg",
     "expand_shards",
+    "file_sha256",
     "is_complete",
     "iter_records",
     "iter_samples",
     "make_key",
     "prepare_output_dirs",
     "read_manifest",
+    "shard_expectations",
     "validate",
 ]

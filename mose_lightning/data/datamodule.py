@@ -9,8 +9,11 @@ Streams over WebDataset shards with the guarantees distributed training needs:
     one sample fewer get a copy of one of their samples flagged `pad` (excluded from metrics), again keeping batch
     counts equal.
 Within a rank, DataLoader workers split the rank's shards (or, with fewer shards than workers, its samples).
-Samples that cannot be read, decoded or encoded are skipped and counted; the count travels with the next batch
-(`batch["skipped"]`) so the LightningModule can log it: nothing is dropped silently, an epoch never crashes.
+Samples that cannot be read, decoded or encoded are skipped and counted; the counts per reason travel with the
+next batch (`batch["skipped"]`) so the LightningModule can log them, and one record per skipped sample or damaged
+shard (`batch["skipped_samples"]`) so the stage can list them (mose_lightning.data.skips): nothing is dropped
+silently, an epoch never crashes. Shards are checked against their manifests (sample count always, sha256 per
+`data.verify_checksums`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mose_lightning.config import ConfigError, DataConfig
-from mose_lightning.data.encode import EncodeSettings, Overlong, SampleEncoder, collate
+from mose_lightning.data.encode import BadSkill, EncodeSettings, Overlong, SampleEncoder, collate
 from mose_lightning.data.sample import Sample, SampleError
-from mose_lightning.data.shards import ReadStats, ShardError, expand_shards, iter_records, read_manifest
+from mose_lightning.data.shards import ReadStats, ShardError, expand_shards, iter_records, shard_expectations
 
 
 def _dist_rank_world() -> tuple:
@@ -37,42 +40,33 @@ def _dist_rank_world() -> tuple:
     return 0, 1
 
 
-def count_samples(shards: List[str]) -> int:
+def count_samples(shards: List[str], expected: Optional[Dict[str, Dict[str, Any]]] = None) -> int:
     """Samples in a shard list: from the manifests beside the shards where present, else by reading them."""
-    from pathlib import Path
-
-    total, unknown = 0, []
-    manifests: Dict[str, Dict[str, int]] = {}
-    for shard in shards:
-        folder = str(Path(shard).parent)
-        if folder not in manifests:
-            try:
-                manifest = read_manifest(folder)
-                manifests[folder] = {e["name"]: int(e.get("count", e.get("samples", 0))) for e in manifest["shards"]}
-            except (ShardError, OSError, KeyError, TypeError, ValueError):
-                manifests[folder] = {}
-        name = Path(shard).name
-        if name in manifests[folder]:
-            total += manifests[folder][name]
-        else:
-            unknown.append(shard)
+    expected = shard_expectations(shards) if expected is None else expected
+    unknown = [s for s in shards if (expected.get(s) or {}).get("count") is None]
+    total = sum(expected[s]["count"] for s in shards if (expected.get(s) or {}).get("count") is not None)
     if unknown:
-        total += sum(1 for _ in iter_records(unknown, on_error="skip"))
+        total += sum(1 for _ in iter_records(unknown, on_error="skip", expected={}))
     return total
 
 
 class _Skips:
-    """Reasons and counts of skipped samples since the last yielded item of this worker."""
+    """Samples skipped since the last yielded item of this worker: counts per reason (logged per step) and one
+    record per sample or damaged shard ({"reason", "key", "shard", "detail", "samples"}, for skipped.jsonl)."""
 
     def __init__(self) -> None:
         self.counts: Counter = Counter()
+        self.records: List[Dict[str, Any]] = []
 
-    def add(self, reason: str) -> None:
+    def add(self, reason: str, key: Optional[str] = None, shard: Optional[str] = None, detail: str = "",
+            samples: Optional[int] = None) -> None:
         self.counts[reason] += 1
+        self.records.append({"reason": reason, "key": key, "shard": shard, "detail": detail, "samples": samples})
 
-    def drain(self) -> Dict[str, int]:
-        out = dict(self.counts)
-        self.counts.clear()
+    def drain(self) -> tuple:
+        out = (dict(self.counts), self.records)
+        self.counts = Counter()
+        self.records = []
         return out
 
 
@@ -81,8 +75,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: List[str], encode: Callable[[Sample], Dict[str, Any]], rank: int, world: int,
                  train: bool, seed: int, shuffle_buffer: int, samples_per_rank: int = 0, total: int = 0,
-                 limit: int = 0) -> None:
+                 limit: int = 0, expected: Optional[Dict[str, Dict[str, Any]]] = None,
+                 verify_checksum: bool = False) -> None:
         self.shards = shards
+        # What the manifests record per shard (count, sha256): read once here, checked by every worker's reader.
+        self.expected = shard_expectations(shards) if expected is None else expected
+        self.verify_checksum = verify_checksum
         self.encode = encode
         self.rank, self.world = rank, world
         self.train = train
@@ -107,36 +105,46 @@ class ShardStream(IterableDataset):
             return self.samples_per_rank
         return -(-self.total // self.world)
 
-    def _records(self, shards: List[str], skips: _Skips, stride: int = 1, offset: int = 0) -> Iterator[Sample]:
+    def _records(self, shards: List[str], skips: _Skips, stride: int = 1, offset: int = 0) -> Iterator[tuple]:
+        """(sample, shard) pairs of the shards in order; damaged shards and malformed records go to `skips`."""
         stats = ReadStats()
-        index = 0
-        for record in iter_records(shards, on_error="skip", stats=stats):
-            for message in stats.skipped:
-                skips.add("damaged shard")
+
+        def drain_problems() -> None:
+            for p in stats.problems:
+                skips.add(p["reason"], p["key"], p["shard"], p["detail"], p["samples"])
+            stats.problems.clear()
             stats.skipped.clear()
+
+        index = 0
+        for record in iter_records(shards, on_error="skip", stats=stats, expected=self.expected,
+                                   verify_checksum=self.verify_checksum):
+            drain_problems()
             index += 1
             if self.train and self.limit and index > self.limit:
                 break
             if (index - 1) % stride != offset:
                 continue
+            url = record.get("__url__", "?")
             try:
-                yield Sample.from_record(record, where=record.get("__url__", "?"))
-            except SampleError:
-                skips.add("malformed record")
-        for message in stats.skipped:
-            skips.add("damaged shard")
+                yield Sample.from_record(record, where=url), url
+            except SampleError as err:
+                skips.add("malformed record", record.get("__key__"), url, str(err))
+        drain_problems()
 
-    def _encoded(self, samples: Iterator[Sample], skips: _Skips) -> Iterator[Dict[str, Any]]:
-        for sample in samples:
+    def _encoded(self, samples: Iterator[tuple], skips: _Skips) -> Iterator[Dict[str, Any]]:
+        for sample, shard in samples:
             try:
                 item = self.encode(sample)
-            except Overlong:
-                skips.add("overlong")
+            except Overlong as err:
+                skips.add("overlong", sample.key, shard, str(err))
                 continue
-            except Exception:  # undecodable image, empty answer, processor failure: skip and count
-                skips.add("undecodable")
+            except BadSkill as err:
+                skips.add("bad skill", sample.key, shard, str(err))
                 continue
-            item["skipped"] = skips.drain()
+            except Exception as err:  # undecodable image, empty answer, processor failure: skip and count
+                skips.add("undecodable", sample.key, shard, f"{type(err).__name__}: {err}")
+                continue
+            item["skipped"], item["skipped_samples"] = skips.drain()
             yield item
 
     def _worker(self):
@@ -186,12 +194,12 @@ class ShardStream(IterableDataset):
         # Every rank and worker reads all records; damaged shards and malformed records are counted once.
         record_skips = skips if self.rank == 0 and worker == 0 else _Skips()
 
-        def mine() -> Iterator[Sample]:
+        def mine() -> Iterator[tuple]:
             global_index = -1
-            for sample in self._records(self.shards, record_skips):
+            for pair in self._records(self.shards, record_skips):
                 global_index += 1
                 if global_index % self.world == self.rank and (global_index // self.world) % workers == worker:
-                    yield sample
+                    yield pair
 
         def items() -> Iterator[Dict[str, Any]]:
             first: Optional[Dict[str, Any]] = None
@@ -210,7 +218,7 @@ class ShardStream(IterableDataset):
                 if first is None:
                     raise ShardError(f"rank {self.rank}: no usable sample in shards {self.shards}")
             for _ in range(target - produced):
-                yield {**first, "meta": {**first["meta"], "pad": True}, "skipped": {}}
+                yield {**first, "meta": {**first["meta"], "pad": True}, "skipped": {}, "skipped_samples": []}
 
         # Hold the last item back so skips after it (a damaged shard tail, bad last samples) still travel with it.
         held: Optional[Dict[str, Any]] = None
@@ -219,9 +227,10 @@ class ShardStream(IterableDataset):
                 yield held
             held = item
         if held is not None:
-            trailing = skips.drain()
-            if trailing:
-                held["skipped"] = dict(Counter(held.get("skipped", {})) + Counter(trailing))
+            counts, records = skips.drain()
+            if records:
+                held["skipped"] = dict(Counter(held.get("skipped", {})) + Counter(counts))
+                held["skipped_samples"] = list(held.get("skipped_samples", [])) + records
             yield held
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
@@ -231,7 +240,10 @@ class ShardStream(IterableDataset):
 @dataclass
 class SplitInfo:
     shards: List[str]
+    # Samples the split holds: the manifests' counts where present.
     total: int
+    # Per shard what its manifest records ({"count", "sha256"}); shards without one are absent.
+    expected: Dict[str, Dict[str, Any]]
 
 
 class DriveDataModule(pl.LightningDataModule):
@@ -257,7 +269,8 @@ class DriveDataModule(pl.LightningDataModule):
             shards = expand_shards(spec)
         except ShardError as err:
             raise ConfigError(f"data.{name}_shards: {err}") from err
-        info = SplitInfo(shards, count_samples(shards))
+        expected = shard_expectations(shards)
+        info = SplitInfo(shards, count_samples(shards, expected), expected)
         if info.total == 0:
             raise ConfigError(f"data.{name}_shards={spec!r}: the shards hold no samples")
         self.splits[name] = info
@@ -293,7 +306,8 @@ class DriveDataModule(pl.LightningDataModule):
             raise ConfigError("data.train_shards is empty; expected the training shards")
         rank, world = _dist_rank_world()
         stream = ShardStream(info.shards, self.encoder(True), rank, world, True, self.cfg.seed,
-                             self.cfg.shuffle_buffer, self.samples_per_rank(world), limit=self.cfg.train_limit)
+                             self.cfg.shuffle_buffer, self.samples_per_rank(world), limit=self.cfg.train_limit,
+                             expected=info.expected, verify_checksum=self.cfg.verify_checksums == "always")
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         stream.set_epoch(epoch)
         return self.loader(stream, self.cfg.batch_size, "right")
@@ -303,7 +317,8 @@ class DriveDataModule(pl.LightningDataModule):
         if info is None:
             raise ConfigError(f"data.{split}_shards is empty; expected the {split} shards")
         rank, world = _dist_rank_world()
-        return ShardStream(info.shards, self.encoder(with_answer), rank, world, False, self.cfg.seed, 0, total=info.total)
+        return ShardStream(info.shards, self.encoder(with_answer), rank, world, False, self.cfg.seed, 0, total=info.total,
+                           expected=info.expected, verify_checksum=self.cfg.verify_checksums in ("eval", "always"))
 
     def val_dataloader(self) -> DataLoader:
         if not self.cfg.val_shards:
@@ -324,8 +339,11 @@ class _Collate:
 
     def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
         skipped: Counter = Counter()
+        records: List[Dict[str, Any]] = []
         for item in items:
             skipped.update(item.pop("skipped", {}))
+            records.extend(item.pop("skipped_samples", []))
         batch = collate(items, self.pad_id, self.padding_side)
         batch["skipped"] = dict(skipped)
+        batch["skipped_samples"] = records
         return batch

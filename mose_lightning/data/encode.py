@@ -37,6 +37,10 @@ class Overlong(ValueError):
     """The sample does not fit `data.max_length` even after the configured truncation."""
 
 
+class BadSkill(ValueError):
+    """The sample's skill labels name a level or skill the taxonomy does not have."""
+
+
 @dataclass
 class EncodeSettings:
     image_width: int
@@ -86,10 +90,21 @@ class SampleEncoder:
         text = self.adapter.region_text(self.processor, sample.region, size, encoded_size)
         return sample.question.replace(REGION_PLACEHOLDER, text)
 
+    def skill_labels(self, sample: Sample) -> List[int]:
+        skills = sample.skills
+        unknown = [level for level in (skills or {}) if level not in self.taxonomy.level_names]
+        try:
+            if unknown:
+                raise KeyError(f"unknown level(s) {unknown}; known: {self.taxonomy.level_names}")
+            return self.taxonomy.label_vector(skills)
+        except KeyError as err:
+            raise BadSkill(f"sample {sample.key!r}: skills {skills}: {err.args[0]}") from None
+
     def __call__(self, sample: Sample) -> Dict[str, Any]:
         s = self.settings
         if s.with_answer and not sample.answer:
             raise ValueError(f"sample {sample.key!r}: no answer to train on")
+        skill_labels = self.skill_labels(sample)
         decoded = decode_images(sample)
         images = [img.resize((s.image_width, s.image_height)) for img in decoded]
         if s.blank_images:
@@ -125,7 +140,7 @@ class SampleEncoder:
         for key, value in out.items():
             if key not in TOKEN_KEYS:
                 item[key] = value
-        item["skill_labels"] = torch.tensor(self.taxonomy.label_vector(sample.skills), dtype=torch.long)
+        item["skill_labels"] = torch.tensor(skill_labels, dtype=torch.long)
         item["meta"] = {
             "key": sample.key,
             "dataset": sample.dataset,

@@ -6,12 +6,17 @@ manifest is what a crashed or interrupted converter left; `prepare_output_dirs` 
 
 manifest.json:
     {"format": "mose-wds-1", "num_samples": N, "tasks": {task: count},
-     "shards": [{"name": "train-000000.tar", "count": n, "tasks": {task: count}}, ...],
+     "shards": [{"name": "train-000000.tar", "count": n, "sha256": hex, "tasks": {task: count}}, ...],
      ... plus whatever the converter adds (dataset, split, options, skipped entries, category counts)}
+
+Readers check every shard that has a manifest entry against it: the number of samples always (a tar cut at a
+512-byte record boundary reads as a valid, shorter archive), the sha256 when asked (`verify_checksum`; evaluation
+does by default). A mismatch is a damaged shard, named in the error or, when skipping, in `ReadStats`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tarfile
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
+from mose_lightning.config import ConfigError
 from mose_lightning.data.sample import Sample, SampleError
 from mose_lightning.io import atomic_write_json
 
@@ -32,6 +38,10 @@ _TAR_USER = "mose"
 
 class ShardError(RuntimeError):
     """A shard directory, spec or tar file is unusable; the message names the path and what was expected."""
+
+
+class IncompleteData(RuntimeError):
+    """A stage met fewer samples than its data's manifests list; the message names the missing keys and shards."""
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -48,9 +58,9 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str = "shard", maxcount: int = 1000):
         if maxcount < 1:
-            raise ValueError(f"ShardWriter({out_dir}): maxcount must be >= 1, got {maxcount}")
+            raise ConfigError(f"ShardWriter({out_dir}): maxcount must be >= 1, got {maxcount}")
         if not re.match(r"^[A-Za-z0-9_-]+$", prefix):
-            raise ValueError(f"ShardWriter({out_dir}): prefix must be [A-Za-z0-9_-]+, got {prefix!r}")
+            raise ConfigError(f"ShardWriter({out_dir}): prefix must be [A-Za-z0-9_-]+, got {prefix!r}")
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.maxcount = maxcount
@@ -95,7 +105,8 @@ class ShardWriter:
         self._file.close()
         final = self._tmp_path.with_suffix("")  # drop ".tmp"
         os.replace(self._tmp_path, final)
-        self._shards.append({"name": final.name, "count": self._count, "tasks": dict(sorted(self._shard_tasks.items()))})
+        self._shards.append({"name": final.name, "count": self._count, "sha256": file_sha256(final),
+                             "tasks": dict(sorted(self._shard_tasks.items()))})
         self._tar = self._file = self._tmp_path = None
 
     def write(self, sample: Sample) -> None:
@@ -132,7 +143,6 @@ class ShardWriter:
         manifest.update(self.close())
         path = self.out_dir / MANIFEST_NAME
         atomic_write_json(path, manifest)
-        os.chmod(path, 0o644)  # the temporary file it was renamed from is private (0600); shards are readable
         self._committed = True
         return manifest
 
@@ -299,12 +309,65 @@ def expand_shards(spec: str | os.PathLike | Sequence[str], check: bool = True) -
 # --- reading -----------------------------------------------------------------------------------------------------
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Checksums this process has computed, by (path, size, mtime): a shard read again (every training epoch, every
+# evaluation worker) is hashed once.
+_checksums: Dict[tuple, str] = {}
+
+
+def _cached_sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _checksums:
+        _checksums[key] = file_sha256(path)
+    return _checksums[key]
+
+
+def shard_expectations(shards: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """What the manifests beside local shards record about them: {shard: {"count": n, "sha256": hex or None}}.
+    Shards without a manifest entry (URLs, loose tar files) are left out: nothing to check them against."""
+    out: Dict[str, Dict[str, Any]] = {}
+    entries: Dict[str, Dict[str, Any]] = {}
+    for shard in shards:
+        if _URL_RE.match(shard):
+            continue
+        folder = str(Path(shard).parent)
+        if folder not in entries:
+            try:
+                listed = read_manifest(folder)["shards"]
+            except ShardError:
+                listed = []
+            entries[folder] = {e["name"]: e for e in listed if isinstance(e, dict) and isinstance(e.get("name"), str)}
+        entry = entries[folder].get(Path(shard).name)
+        if entry is None:
+            continue
+        count = entry.get("count", entry.get("samples"))
+        out[shard] = {"count": int(count) if isinstance(count, int) else None, "sha256": entry.get("sha256")}
+    return out
+
+
 @dataclass
 class ReadStats:
-    """What a read skipped; filled in by `iter_samples(..., on_error="skip")`."""
+    """What a read skipped; filled in by `iter_samples(..., on_error="skip")`.
+
+    `skipped` holds one message per problem; `problems` the same as records {"reason": "damaged shard" |
+    "malformed record", "shard", "key" (None for a damaged shard), "detail", "samples" (samples lost, when known)}.
+    """
 
     samples: int = 0
     skipped: List[str] = field(default_factory=list)
+    problems: List[Dict[str, Any]] = field(default_factory=list)
+
+    def add(self, reason: str, shard: str, detail: str, key: Optional[str] = None, samples: Optional[int] = None) -> None:
+        self.skipped.append(detail)
+        self.problems.append({"reason": reason, "shard": shard, "key": key, "detail": detail, "samples": samples})
 
 
 def _open_stream(url: str):
@@ -315,19 +378,45 @@ def _open_stream(url: str):
     return open(url, "rb")
 
 
-def iter_records(shards: Iterable[str], on_error: str = "raise", stats: Optional[ReadStats] = None) -> Iterator[Dict[str, Any]]:
+def iter_records(shards: Iterable[str], on_error: str = "raise", stats: Optional[ReadStats] = None,
+                 expected: Any = "auto", verify_checksum: bool = False) -> Iterator[Dict[str, Any]]:
     """Raw records ({"__key__", "__url__", "0.jpg": bytes, "json": bytes}) of the given shard paths, in order.
 
     Members are grouped by key the WebDataset way (consecutive members sharing the part of the name before the
-    first dot). A damaged tar raises ShardError naming the shard and the last good key; with on_error="skip"
-    the rest of that shard is skipped and noted in `stats`.
+    first dot). `expected` ({shard: {"count", "sha256"}}, by default what the shards' manifests record): a shard
+    whose sample count differs is damaged, found once it is read to its end; with `verify_checksum` a shard whose
+    sha256 differs is damaged and not read at all. A damaged shard raises ShardError naming it (and, for a broken
+    tar, the last good key); with on_error="skip" the rest of that shard is skipped and noted in `stats`.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error: expected 'raise' or 'skip', got {on_error!r}")
     stats = stats if stats is not None else ReadStats()
+    shards = list(shards)
+    if isinstance(expected, str) and expected == "auto":
+        expected = shard_expectations(shards)
+    expected = expected or {}
+
+    def damaged(url: str, message: str, lost: Optional[int] = None) -> None:
+        if on_error == "raise":
+            raise ShardError(message) from None
+        stats.add("damaged shard", url, message, samples=lost)
+
     for url in shards:
+        want = expected.get(url) or {}
+        if verify_checksum and want.get("sha256") and not _URL_RE.match(url):
+            try:
+                actual = _cached_sha256(url)
+            except OSError as err:
+                damaged(url, f"shard {url}: unreadable: {err}", want.get("count"))
+                continue
+            if actual != want["sha256"]:
+                damaged(url, f"shard {url}: damaged: sha256 {actual[:12]}... differs from the manifest's "
+                             f"{str(want['sha256'])[:12]}... (the file changed after it was written)", want.get("count"))
+                continue
         current: Optional[Dict[str, Any]] = None
         last_key = None
+        count = 0
+        broken = False
         try:
             with _open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for member in tar:
@@ -344,6 +433,7 @@ def iter_records(shards: Iterable[str], on_error: str = "raise", stats: Optional
                         raise tarfile.ReadError(f"member {member.name} is truncated")
                     if current is not None and current["__key__"] != key:
                         last_key = current["__key__"]
+                        count += 1
                         yield current
                         current = None
                     if current is None:
@@ -351,25 +441,29 @@ def iter_records(shards: Iterable[str], on_error: str = "raise", stats: Optional
                     current[ext] = data
         except (tarfile.TarError, EOFError, OSError) as err:
             where = f"after key {last_key!r}" if last_key else "before the first complete record"
-            message = f"shard {url}: damaged tar ({where}): {err}"
-            if on_error == "raise":
-                raise ShardError(message) from None
-            stats.skipped.append(message)
+            broken = True
             current = None  # the record in progress may be incomplete
+            lost = want["count"] - count if want.get("count") is not None else None
+            damaged(url, f"shard {url}: damaged tar ({where}): {err}", lost)
         if current is not None:
+            count += 1
             yield current
+        if not broken and want.get("count") is not None and count != want["count"]:
+            damaged(url, f"shard {url}: damaged: {count} samples, the manifest lists {want['count']} "
+                         f"(a truncated or altered file)", max(0, want["count"] - count))
 
 
-def iter_samples(spec: str | Sequence[str], on_error: str = "raise", stats: Optional[ReadStats] = None) -> Iterator[Sample]:
+def iter_samples(spec: str | Sequence[str], on_error: str = "raise", stats: Optional[ReadStats] = None,
+                 verify_checksum: bool = False) -> Iterator[Sample]:
     """Samples of a shard spec (see `expand_shards`), validated; bad records raise or (skip) are noted in stats."""
     stats = stats if stats is not None else ReadStats()
-    for record in iter_records(expand_shards(spec), on_error=on_error, stats=stats):
+    for record in iter_records(expand_shards(spec), on_error=on_error, stats=stats, verify_checksum=verify_checksum):
         try:
             sample = Sample.from_record(record, where=record.get("__url__", "?"))
         except SampleError as err:
             if on_error == "raise":
                 raise
-            stats.skipped.append(str(err))
+            stats.add("malformed record", record.get("__url__", "?"), str(err), key=record.get("__key__"))
             continue
         stats.samples += 1
         yield sample

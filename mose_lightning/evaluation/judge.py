@@ -2,13 +2,20 @@
 
 CODA-LM: per task a system prompt; General and Suggestion prepend few-shot exchanges (user turn = an example's
 reference and prediction in delimited blocks, assistant turn = the example's graded response); then the sample's
-reference and prediction in the same blocks. The judge ends with `Rating: [[x]]`, x in 1..10. A task's score is
-the mean rating x 10 (0-100, as published tables report it); the overall score is the mean of the task scores
-present. Unlike the official script, replies without a valid rating are asked again and then counted as failed
-per task, never silently dropped.
+reference and prediction in the same blocks. The judge ends with `Rating: [[x]]`, x in 1..10; only that labelled
+form counts (a reply may quote other `[[x]]`), and a reply with two different labelled ratings is ambiguous. A
+task's score is the mean rating x 10 (0-100, as published tables report it); the overall score is the mean of the
+task scores present, and undefined (with a note) when a present task has no successful judgement: a mean over the
+remaining tasks would not be comparable with other runs. Unlike the official script, replies without a valid
+rating are asked again and then counted as failed per task, never silently dropped.
 
-DriveLM: the judge gives one 0-100 number for (question, reference, prediction); the first number in the reply
-is taken, and replies without one in range are re-asked, then counted as failed.
+DriveLM: the judge gives one 0-100 score for (question, reference, prediction). The score is the reply itself
+when it is a number (as the prompt asks), else the number labelled as the score (`Score (0-100): 72`, `... a
+score of 80`), else the reply's only number; two different scores, or several unlabelled numbers, are ambiguous.
+Replies without a score in range are re-asked, then counted as failed.
+
+An unreachable judge (connection refused or timing out after every retry) is an error naming its base_url, unless
+`allow_unreachable`: then the scores are missing and the report's notes say why.
 
 All prompt text lives in files (shipped in mose_lightning/resources/judge; `JudgeConfig.prompts_dir` replaces the
 whole folder) so exact parity with a published prompt is a matter of dropping in its text:
@@ -25,7 +32,8 @@ import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -45,8 +53,16 @@ DRIVELM_USER_FILE = "drivelm_user.txt"
 SHIPPED_PROMPTS = Path(__file__).resolve().parent.parent / "resources" / "judge"
 UNCATEGORISED = "uncategorised"
 
-_RATING = re.compile(r"(?:rating\s*:?\s*)?\[\[\s*(-?\d+(?:\.\d+)?)\s*\]\]", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUM = r"-?\d+(?:\.\d+)?"
+# "Rating: [[7]]", also with markdown emphasis around the label ("**Rating:** [[7]]").
+_RATING = re.compile(rf"\brating\b[\s*_]*:?[\s*_]*\[\[\s*({_NUM})\s*\]\]", re.IGNORECASE)
+_RANGE = r"\(?\s*0\s*(?:-|–|to)\s*100\s*\)?"
+# "Score: 72", "Score (0-100): 72", "score of 80", "final score is 85"; a number opening a range is not a score.
+_SCORE = re.compile(rf"\bscore\b(?:\s*{_RANGE})?\s*(?:of|is|:|=|-)?[\s*_]*({_NUM})(?!\s*(?:-|–|to)\s*\d)",
+                    re.IGNORECASE)
+_BARE_SCORE = re.compile(rf"^[\s*_]*({_NUM})\s*(?:/\s*100|out of 100)?[\s.*_]*$", re.IGNORECASE)
+_NOT_A_SCORE = re.compile(rf"{_RANGE}|/\s*100\b|\bout of\s*100\b", re.IGNORECASE)
+_NUMBER = re.compile(_NUM)
 _FIELD = re.compile(r"\{(question|reference|prediction)\}")
 
 
@@ -131,23 +147,41 @@ def drivelm_messages(question: str, reference: str, prediction: str, prompts: Ju
 
 
 # -- reply parsing ---------------------------------------------------------------------------------------------------
+def _one_value(values: Sequence[str], what: str) -> float:
+    distinct = sorted({float(v) for v in values})
+    if len(distinct) > 1:
+        raise ValueError(f"ambiguous: {what}s {', '.join(f'{v:g}' for v in distinct)} in one reply")
+    return distinct[0]
+
+
 def parse_rating(text: str) -> float:
-    """The 1-10 rating of a CODA-LM judge reply; the last `Rating: [[x]]` wins (the protocol puts it at the end)."""
+    """The 1-10 rating of a CODA-LM judge reply: its `Rating: [[x]]` (other `[[x]]` in the text do not count)."""
     matches = _RATING.findall(text or "")
     if not matches:
         raise ValueError("no rating of the form Rating: [[x]]")
-    value = float(matches[-1])
+    value = _one_value(matches, "rating")
     if not 1.0 <= value <= 10.0:
         raise ValueError(f"rating {value:g} outside 1..10")
     return value
 
 
 def parse_score_100(text: str) -> float:
-    """The 0-100 score of a DriveLM judge reply: its first number."""
-    match = _NUMBER.search(text or "")
-    if match is None:
-        raise ValueError("no number in the reply")
-    value = float(match.group(0))
+    """The 0-100 score of a DriveLM judge reply (see the module docstring for which number that is)."""
+    text = text or ""
+    bare = _BARE_SCORE.match(text)
+    if bare:
+        value = float(bare.group(1))
+    else:
+        labelled = _SCORE.findall(text)
+        if labelled:
+            value = _one_value(labelled, "score")
+        else:
+            numbers = _NUMBER.findall(_NOT_A_SCORE.sub(" ", text))
+            if not numbers:
+                raise ValueError("no score in the reply")
+            if len({float(n) for n in numbers}) > 1:
+                raise ValueError(f"ambiguous: numbers {', '.join(numbers[:5])} and no labelled score")
+            value = float(numbers[0])
     if not 0.0 <= value <= 100.0 or math.isnan(value):
         raise ValueError(f"score {value:g} outside 0..100")
     return value
@@ -185,9 +219,23 @@ class JudgeReport:
     ratings: List[SampleRating]
     stats: Dict[str, int]
     prompts: str = ""
+    # Why a score is missing or undefined, one sentence each (shown under the results table).
+    notes: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    def coda_scores(self) -> Dict[str, Any]:
+        """The `coda` section of scores.json (see mose_lightning.evaluation.report)."""
+        def entry(ts: TaskScore) -> Dict[str, Any]:
+            return {"score": ts.score, "n_judged": ts.n_judged, "n_failed": ts.n_failed}
+
+        coda: Dict[str, Any] = {task: entry(ts) for task, ts in self.tasks.items()}
+        coda["regional_by_class"] = {c: entry(ts) for c, ts in self.regional_by_class.items()}
+        coda["overall"] = self.overall
+        coda["judge"] = {"model": self.model, "stats": self.stats}
+        coda["notes"] = list(self.notes)
+        return coda
 
 
 @dataclass
@@ -199,9 +247,37 @@ class DriveLMJudgeReport:
     ratings: List[SampleRating]
     stats: Dict[str, int]
     prompts: str = ""
+    notes: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+class JudgeUnreachable(ConfigError):
+    """The judge's endpoint could not be reached; the message names its base_url (never the key)."""
+
+
+def _endpoint(cfg: JudgeConfig) -> str:
+    return cfg.client.base_url or "https://api.openai.com/v1 (the OpenAI API)"
+
+
+def _check_reachable(client: LLMClient, cfg: JudgeConfig, notes: List[str]) -> None:
+    """Raise JudgeUnreachable when the client could not reach the judge, unless allowed (then a note says so)."""
+    if client.unreachable is None:
+        return
+    if not cfg.allow_unreachable:
+        raise JudgeUnreachable(
+            f"eval.judge: the judge at {_endpoint(cfg)} is unreachable ({client.unreachable}); start it or correct "
+            f"eval.judge.client.base_url, or set eval.judge.allow_unreachable=true to evaluate without judge scores"
+        )
+    notes.append(f"The judge at {_endpoint(cfg)} was unreachable ({client.unreachable}): the requests it did not "
+                 f"answer count as failed.")
+
+
+def _failure_summary(ratings: Sequence[SampleRating]) -> str:
+    kinds = Counter("unparsable replies" if (r.error or "").startswith("unparsable") else "failed requests"
+                    for r in ratings if not r.ok)
+    return ", ".join(f"{kind}: {n}" for kind, n in sorted(kinds.items()))
 
 
 def _task_score(ratings: Sequence[SampleRating], scale: float) -> TaskScore:
@@ -243,18 +319,24 @@ def judge_coda(
         if item["task"] not in CODA_TASKS:
             raise ValueError(f"judge_coda: item {i} (key {key!r}): task {item['task']!r}; expected one of {list(CODA_TASKS)}")
         items.append((key, item["task"], item["reference"], str(item["prediction"] or ""), item.get("category")))
-    client = LLMClient(cfg.client, parse_retries=cfg.parse_retries, progress=progress)
+    client = LLMClient(cfg.client, parse_retries=cfg.parse_retries, progress=progress, stop_when_unreachable=True)
     requests = [coda_messages(task, ref, pred, prompts) for _, task, ref, pred, _ in items]
     results = client.run_many(requests, validate=parse_rating, desc="judge coda-lm")
+    notes: List[str] = []
+    _check_reachable(client, cfg, notes)
     ratings = [_rating_of(res, key, task, cat) for res, (key, task, _, _, cat) in zip(results, items)]
 
     tasks = {t: _task_score([r for r in ratings if r.task == t], 10.0) for t in CODA_TASKS
              if any(r.task == t for r in ratings)}
-    scored = [s.score for s in tasks.values() if s.score is not None]
-    if len(scored) < len(tasks):
-        log.warning("judge: tasks %s have no successful rating and are left out of the overall score",
-                    [t for t, s in tasks.items() if s.score is None])
-    overall = sum(scored) / len(scored) if scored else None
+    unscored = [t for t, s in tasks.items() if s.score is None]
+    for t in unscored:
+        notes.append(f"{t}: no score: all {tasks[t].n_failed} judgements failed "
+                     f"({_failure_summary([r for r in ratings if r.task == t])}).")
+    if unscored:
+        notes.append(f"Overall score undefined: {', '.join(unscored)} has no successful judgement (a mean over the "
+                     f"other tasks would not compare with complete runs).")
+        log.warning("judge: tasks %s have no successful rating: the overall score is undefined", unscored)
+    overall = sum(s.score for s in tasks.values()) / len(tasks) if tasks and not unscored else None
     regional = [r for r in ratings if r.task == "regional"]
     classes = sorted({r.category or UNCATEGORISED for r in regional})
     by_class = {c: _task_score([r for r in regional if (r.category or UNCATEGORISED) == c], 10.0) for c in classes}
@@ -262,7 +344,8 @@ def judge_coda(
         if s.n_failed:
             log.warning("judge: %s: %d of %d samples have no valid rating (counted, not dropped)", t, s.n_failed,
                         s.n_failed + s.n_judged)
-    return JudgeReport(cfg.client.model, tasks, overall, by_class, ratings, client.stats.to_dict(), prompts.source)
+    return JudgeReport(cfg.client.model, tasks, overall, by_class, ratings, client.stats.to_dict(), prompts.source,
+                       notes)
 
 
 def judge_drivelm(
@@ -278,13 +361,17 @@ def judge_drivelm(
     for i, item in enumerate(items):
         key = _require(item, i, ("key", "question", "reference", "prediction"), "judge_drivelm")
         rows.append((key, str(item["question"]), item["reference"], str(item["prediction"] or "")))
-    client = LLMClient(cfg.client, parse_retries=cfg.parse_retries, progress=progress)
+    client = LLMClient(cfg.client, parse_retries=cfg.parse_retries, progress=progress, stop_when_unreachable=True)
     requests = [drivelm_messages(q, ref, pred, prompts) for _, q, ref, pred in rows]
     results = client.run_many(requests, validate=parse_score_100, desc="judge drivelm")
+    notes: List[str] = []
+    _check_reachable(client, cfg, notes)
     ratings = [_rating_of(res, key, "drivelm", None) for res, (key, *_rest) in zip(results, rows)]
     total = _task_score(ratings, 1.0)
     if total.n_failed:
         log.warning("judge: drivelm: %d of %d samples have no valid score (counted, not dropped)", total.n_failed,
                     len(ratings))
+    if ratings and total.score is None:
+        notes.append(f"DriveLM judge: no score: all {total.n_failed} judgements failed ({_failure_summary(ratings)}).")
     return DriveLMJudgeReport(cfg.client.model, total.score, total.n_judged, total.n_failed, ratings,
-                              client.stats.to_dict(), prompts.source)
+                              client.stats.to_dict(), prompts.source, notes)

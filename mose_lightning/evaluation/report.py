@@ -8,7 +8,10 @@ where ENTRY is a 0-100 score (mean judge rating x 10, as the published tables) o
 `mean_rating` on the judge's 1-10 scale), and optionally `n_judged`, `n_failed`.
 
 `meta` describes the run: `method` (a display label; derived from `moe_kind` when absent), `moe_kind`
-(dense | topk | mose | expert_group), `num_experts`, `top_k`, `activated_params`, `total_params`, `seed`, ...
+(dense | topk | mose | expert_group), `num_experts`, `top_k`, `activated_params`, `total_params`, `seed`, ...,
+and `partial` when the evaluation scored only part of its split (eval.allow_partial): {"expected", "scored",
+"missing", "skipped": {reason: n}, "missing_keys": {reason: [keys]}, "damaged_shards": [{"shard",
+"samples_lost", "detail"}]}, shown first in results.md.
 
 Table builders return `Table`s so the markdown here and the HTML report render the same content.
 """
@@ -116,6 +119,7 @@ def coda_tables(coda: Mapping, meta: Mapping) -> List[Table]:
     notes = ["Scores are mean judge ratings x 10 (0-100); Score = mean of General, Regional, Suggestion."]
     if counts:
         notes.append("Judge coverage: " + "; ".join(counts) + ". Failed replies are excluded from the means.")
+    notes += [str(n) for n in coda.get("notes") or []]
     tables = [
         Table(
             "CODA-LM (paper Table 1 layout)",
@@ -194,6 +198,24 @@ def local_table(local: Mapping) -> Table:
     return Table("Local metrics (no judge)", headers, rows, notes)
 
 
+def partial_table(partial: Mapping, limit: int = 20) -> Table:
+    """What a partial evaluation did not score, by reason, with the keys and shards."""
+    rows = []
+    for d in partial.get("damaged_shards") or []:
+        lost = d.get("samples_lost")
+        rows.append(["damaged shard", "-" if lost is None else str(lost), Path(str(d.get("shard"))).name])
+    for reason, keys in (partial.get("missing_keys") or {}).items():
+        shown = ", ".join(keys[:limit]) + (f" ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+        rows.append([reason, str(len(keys)), shown])
+    expected = partial.get("expected")
+    scored = partial.get("scored")
+    head = (f"{scored} of the {expected} samples in the split's manifests were scored" if expected is not None
+            else f"{scored} samples were scored, some skipped")
+    notes = [f"Partial evaluation (eval.allow_partial): {head}; every score below covers only those.",
+             f"Every skipped sample and damaged shard is listed in {partial.get('skipped_file', 'skipped.jsonl')}."]
+    return Table("Partial evaluation: samples not scored", ["Reason", "Samples", "Keys / shards"], rows, notes)
+
+
 def routing_table(routing: Mapping, meta: Mapping) -> Table:
     """Routing accuracy of the evaluated model (its routes while generating, against the samples' skill labels) per
     MoE layer and per level, beside the router-pretraining held-out accuracy of the routers it started from."""
@@ -215,6 +237,8 @@ def routing_table(routing: Mapping, meta: Mapping) -> Table:
 
 def results_tables(scores: Mapping, meta: Mapping) -> List[Table]:
     tables: List[Table] = []
+    if meta.get("partial"):
+        tables.append(partial_table(meta["partial"]))
     if scores.get("coda"):
         tables += coda_tables(scores["coda"], meta)
     if scores.get("drivelm"):
@@ -254,6 +278,11 @@ def results_markdown(scores: Mapping, meta: Mapping) -> str:
         )
     if facts:
         head += [", ".join(facts), ""]
+    partial = meta.get("partial")
+    if partial:
+        scored, expected = partial.get("scored"), partial.get("expected")
+        head += [f"**Partial evaluation: {scored}{'' if expected is None else f' of {expected}'} samples scored** "
+                 f"(see the first table).", ""]
     tables = results_tables(scores, meta)
     body = render_markdown(tables) if tables else "No scores.\n"
     return "\n".join(head) + "\n" + body
@@ -320,16 +349,22 @@ def compare_table(runs: Sequence[Tuple[Mapping, Mapping]]) -> Table:
     columns = [c for c in _COMPARE_COLUMNS if any(c[1](s) is not None for s, _ in runs)]
     headers = ["Method", "Activated params", "Total params", "Runs"] + [c[0] for c in columns]
     rows = []
+    any_partial = False
     for label, members in groups.items():
         metas = [m for _, m in members]
         act = next((m.get("activated_params") for m in metas if m.get("activated_params") is not None), None)
         tot = next((m.get("total_params") for m in metas if m.get("total_params") is not None), None)
-        row = [label, format_params(act), format_params(tot), str(len(members))]
+        n_partial = sum(1 for m in metas if m.get("partial"))
+        any_partial = any_partial or bool(n_partial)
+        row = [label, format_params(act), format_params(tot),
+               str(len(members)) + (f" ({n_partial} partial)" if n_partial else "")]
         for _, getter, digits, scale in columns:
             values = [float(v) for v in (getter(s) for s, _ in members) if v is not None]
             row.append(_mean_std(values, digits, scale))
         rows.append(row)
     notes = ["Runs sharing a label (seeds) show mean ± sample std; `-`: metric not computed for that run."]
+    if any_partial:
+        notes.append("partial: a run scored only part of its split (see its results.md).")
     return Table("Runs compared", headers, rows, notes)
 
 
@@ -352,7 +387,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         text = compare_runs(args.run_dirs)
     except (FileNotFoundError, ValueError) as err:
-        print(f"mose report: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(text, end="")
     if args.out:

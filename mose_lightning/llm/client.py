@@ -11,6 +11,9 @@ once and reports the same numbers:
   The openai package's own retries are off (`max_retries=0`) so backoff and counting are ours.
 - Replies are checked by a `validate(text) -> parsed` callback; one that raises is asked again (bypassing the
   cache) `parse_retries` times, then the request counts as failed. A failure never aborts the batch.
+- A request that cannot reach the server (connection refused, timeouts) after every retry marks the endpoint
+  unreachable (`LLMClient.unreachable`, a scrubbed reason); with `stop_when_unreachable` the requests not yet sent
+  then fail at once instead of each waiting through its own retries.
 - Only replies that passed validation are cached: one JSON file per sha256 of (model, temperature, max_tokens,
   messages), written atomically. A rerun or resumed run reads them back without a request; failures are retried.
 """
@@ -54,6 +57,11 @@ class MissingAPIKeyError(ConfigError):
 
 class _Unretryable(Exception):
     """A transport error that retrying cannot fix (4xx other than 408/429, or retries exhausted)."""
+
+    def __init__(self, message: str, calls: int = 0, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.calls = calls
+        self.unreachable = unreachable
 
 
 @dataclass
@@ -160,6 +168,7 @@ class LLMClient:
         parse_retries: int = 2,
         progress: Optional[bool] = None,
         sleep: Callable[[float], None] = time.sleep,
+        stop_when_unreachable: bool = False,
     ):
         key = os.environ.get(cfg.api_key_env, "")
         if not key.strip():
@@ -176,6 +185,9 @@ class LLMClient:
         self.parse_retries = int(parse_retries)
         self.progress = progress
         self.stats = ClientStats()
+        # Why the endpoint could not be reached, once a request gave up on it (None: reachable so far).
+        self.unreachable: Optional[str] = None
+        self.stop_when_unreachable = stop_when_unreachable
         self._secret = key
         self._sleep = sleep
         self._lock = threading.Lock()
@@ -289,13 +301,17 @@ class LLMClient:
                 with self._lock:
                     self.stats.reasks += 1
             try:
+                if self.stop_when_unreachable and self.unreachable is not None:
+                    raise _Unretryable(f"not sent: the endpoint is unreachable ({self.unreachable})")
                 text, usage, calls = self._call(messages, key)
             except _Unretryable as err:
                 res.error = str(err)
-                res.attempts += getattr(err, "calls", 0)
+                res.attempts += err.calls
                 with self._lock:
                     self.stats.failures += 1
                     self.stats.failures_transport += 1
+                    if err.unreachable and self.unreachable is None:
+                        self.unreachable = str(err)
                 return res
             res.attempts += calls
             res.prompt_tokens += usage[0]
@@ -337,10 +353,14 @@ class LLMClient:
                 retryable = status in (408, 429) or status >= 500
                 reason = f"HTTP {status}: {err.message}"
                 wait_hint = _retry_after_s(getattr(err.response, "headers", None))
+                unreachable = False
             except oa.APITimeoutError:
                 retryable, reason, wait_hint = True, f"timed out after {self.cfg.timeout_s} s", None
+                unreachable = True
             except oa.APIConnectionError as err:
-                retryable, reason, wait_hint = True, f"connection error: {err.message}", None
+                cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+                retryable, reason, wait_hint = True, f"connection error: {err.message}{cause}", None
+                unreachable = True
             else:
                 text = ""
                 if resp.choices:
@@ -355,9 +375,7 @@ class LLMClient:
             reason = self.scrub(reason)
             if not retryable or attempt == self.cfg.max_retries:
                 suffix = f" after {calls} calls" if retryable else ""
-                err = _Unretryable(f"{reason}{suffix}")
-                err.calls = calls  # type: ignore[attr-defined]
-                raise err
+                raise _Unretryable(f"{reason}{suffix}", calls, unreachable)
             delay = self._backoff(attempt, wait_hint)
             with self._lock:
                 self.stats.retries += 1

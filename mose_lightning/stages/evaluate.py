@@ -19,15 +19,20 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
+from mose_lightning import locks
 from mose_lightning.checkpoint import load_model
 from mose_lightning.config import ConfigError, ExperimentConfig
+from mose_lightning.data import skips
 from mose_lightning.data.datamodule import DriveDataModule
+from mose_lightning.data.shards import IncompleteData
 from mose_lightning.evaluation.local_metrics import local_scores
 from mose_lightning.evaluation.report import write_results
 from mose_lightning.evaluation.routing_metrics import derangement, routing_scores, skill_chains
 from mose_lightning.io import atomic_write_json, atomic_write_text
 from mose_lightning.params import parameter_report
-from mose_lightning.training import apply_threads, devices_arg, is_global_zero, precision_and_plugins, run_dir_for
+from mose_lightning.training import (
+    apply_threads, devices_arg, is_global_zero, lock_run_dir, precision_and_plugins, run_dir_for,
+)
 
 
 def decode_new_tokens(model, tokens: torch.Tensor) -> List[str]:
@@ -125,19 +130,14 @@ def score_records(records: List[Dict[str, Any]], cfg: ExperimentConfig, taxonomy
             ratings.update(chatgpt)
             scores["drivelm_judge"] = {k: v for k, v in report.to_dict().items() if k != "ratings"}
         scores["drivelm"] = drivelm_scores(drivelm, chatgpt)
+        scores["drivelm"]["notes"] += scores.get("drivelm_judge", {}).get("notes", [])
     coda_like = [r for r in records if r["dataset"] in ("coda_lm", "synthetic") and r.get("reference")]
     if coda_like and cfg.eval.judge.enabled:
         from mose_lightning.evaluation.judge import judge_coda
 
         report = judge_coda(coda_like, cfg.eval.judge)
         ratings.update({r.key: r.rating for r in report.ratings})
-        coda = {task: {"score": ts.score, "n_judged": ts.n_judged, "n_failed": ts.n_failed}
-                for task, ts in report.tasks.items()}
-        coda["regional_by_class"] = {c: {"score": ts.score, "n_judged": ts.n_judged, "n_failed": ts.n_failed}
-                                     for c, ts in report.regional_by_class.items()}
-        coda["overall"] = report.overall
-        coda["judge"] = {"model": report.model, "stats": report.stats}
-        scores["coda"] = coda
+        scores["coda"] = report.coda_scores()
     return scores, ratings
 
 
@@ -162,6 +162,44 @@ def run_meta(model, cfg: ExperimentConfig, records: List[Dict[str, Any]]) -> Dic
         "dataset": sorted({r["dataset"] for r in records}), "split": cfg.eval.split, "n_samples": len(records),
         "router_pretrain_accuracy": router_pretrain_accuracy(model), "route_source": cfg.eval.route_source,
     }
+
+
+def coverage(records: List[Dict[str, Any]], expected: Optional[int], skipped: skips.SkipLog) -> Optional[Dict[str, Any]]:
+    """What the evaluation did not score: None when it scored every sample the split's manifests list (`expected`;
+    None with eval.limit, where only skipped samples count), else the counts with the skipped keys and shards."""
+    missing = None if expected is None else expected - len(records)
+    if not len(skipped) and not missing:
+        return None
+    keys: Dict[str, List[str]] = {}
+    for r in skipped.samples:
+        if r.get("key"):
+            keys.setdefault(str(r["reason"]), []).append(str(r["key"]))
+    return {
+        "expected": expected, "scored": len(records), "missing": missing, "skipped": skipped.counts(),
+        "missing_keys": {reason: sorted(set(k)) for reason, k in sorted(keys.items())},
+        "damaged_shards": [{"shard": r.get("shard"), "samples_lost": r.get("samples"), "detail": r.get("detail")}
+                           for r in skipped.damaged_shards],
+        "skipped_file": skips.SKIPPED_FILE,
+    }
+
+
+def _shortfall_message(partial: Dict[str, Any], cfg: ExperimentConfig, run_dir: Path, limit: int = 8) -> str:
+    split = f"data.{cfg.eval.split}_shards"
+    if partial["expected"] is not None:
+        head = f"evaluation scored {partial['scored']} of the {partial['expected']} samples the manifests of {split} list"
+    else:
+        head = f"evaluation of {split} skipped samples"
+    parts = []
+    if partial["damaged_shards"]:
+        shards = [Path(str(d["shard"])).name + (f" ({d['samples_lost']} samples lost)" if d["samples_lost"] else "")
+                  for d in partial["damaged_shards"]]
+        parts.append("damaged shard(s) " + ", ".join(shards[:limit]) + (" ..." if len(shards) > limit else ""))
+    keys = [k for reason_keys in partial["missing_keys"].values() for k in reason_keys]
+    if keys:
+        parts.append(f"{len(keys)} skipped sample(s) " + ", ".join(keys[:limit]) + (" ..." if len(keys) > limit else ""))
+    detail = f": {'; '.join(parts)}" if parts else ""
+    return (f"{head}{detail} (listed in {run_dir / skips.SKIPPED_FILE}; the predictions made are in "
+            f"{run_dir / 'predictions.jsonl'}); set eval.allow_partial=true to score them as a partial evaluation")
 
 
 def write_plots(run_dir: Path, records, usage, model) -> List[str]:
@@ -191,10 +229,13 @@ def run_eval(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
         model.cfg.eval = cfg.eval
     apply_threads(cfg)
     run_dir = run_dir_for(cfg, "eval")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(run_dir, "eval")
     parts_dir = run_dir / "parts"
     if is_global_zero():
         for old in parts_dir.glob("rank*.jsonl"):
             old.unlink()
+        skips.clear(run_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     data_cfg = cfg.data
     datamodule = DriveDataModule(data_cfg, model.adapter, model.processor, model.taxonomy)
@@ -213,7 +254,7 @@ def run_eval(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
     precision, plugins = precision_and_plugins(cfg, model)
     trainer = pl.Trainer(accelerator=t.accelerator, devices=devices_arg(t.devices), strategy=t.strategy,
                          precision=precision, plugins=plugins, logger=False, enable_checkpointing=False,
-                         callbacks=[writer],
+                         callbacks=[writer, skips.SkippedSamples(run_dir)],
                          enable_model_summary=False, limit_predict_batches=(-(-cfg.eval.limit // cfg.data.eval_batch_size)
                                                                             if cfg.eval.limit else 1.0))
     trainer.predict(module, loader, return_predictions=False)
@@ -222,12 +263,27 @@ def run_eval(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
         return run_dir, {}
     records = _merge_parts(parts_dir)
     atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    skipped = skips.merge_parts(run_dir)
+    if len(skipped):
+        print(f"note: {skipped.summary(run_dir / skips.SKIPPED_FILE)}")
+    expected = None if cfg.eval.limit else datamodule.split_info(cfg.eval.split).total
+    partial = coverage(records, expected, skipped)
+    if partial is not None and not cfg.eval.allow_partial:
+        # An earlier evaluation's scores beside these predictions would read as this one's.
+        for name in ("scores.json", "results.md", "metrics.json", "report.html"):
+            (run_dir / name).unlink(missing_ok=True)
+        locks.release(run_dir)
+        raise IncompleteData(_shortfall_message(partial, cfg, run_dir))
     scores, ratings = score_records(records, cfg, model.taxonomy)
     meta = run_meta(model, cfg, records)
+    meta["n_expected"] = expected
+    if partial is not None:
+        meta["partial"] = partial
     write_results(run_dir, scores, meta)
     plots = write_plots(run_dir, records, writer.usage, model)
     from mose_lightning.evaluation.html_report import write_html_report
 
     write_html_report(run_dir, records, scores, ratings, max_samples=cfg.eval.html_samples, meta=meta)
     atomic_write_json(run_dir / "metrics.json", {"scores": scores, "meta": meta, "plots": plots})
+    locks.release(run_dir)
     return run_dir, scores

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mose_lightning.checkpoint import load_model, model_dir_of, model_from_config, save_model, saved_tensor_names
-from mose_lightning.config import ConfigError, ExperimentConfig, load_config
+from mose_lightning.config import ConfigError, ExperimentConfig, load_config, run_dir_for
 from mose_lightning.data.planning import PlanningDataModule, PlanStatistics, PlanTargetSpec, check_split, plan_statistics
 from mose_lightning.io import atomic_write_json
 from mose_lightning.moe.losses import inverse_frequency_alpha
@@ -356,7 +356,7 @@ def run_plan_eval(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, Any]]:
     cfg.plan = dataclasses.replace(trained.plan, train_vlm=False, lm_loss_coef=0.0, cache_features=False,
                                    eval_seed=cfg.plan.eval_seed, euler_steps=cfg.plan.euler_steps,
                                    latency_samples=cfg.plan.latency_samples, rare_below=cfg.plan.rare_below)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else source / "eval"
+    run_dir = run_dir_for(cfg, "plan_eval")
     datamodule = PlanningDataModule(cfg, model.adapter, model.processor, model.taxonomy)
     module = PlanModule(planner, model, cfg, meta["classes"])
     scores = evaluate_planner(module, datamodule, cfg, run_dir, meta)

@@ -16,7 +16,9 @@ from mose_lightning.model import MoEVisionLanguageModel
 from mose_lightning.stages.callbacks import RoutingVisualisation
 from mose_lightning.stages.common import FineTuneModule, backbone_tensors
 from mose_lightning.surgery import convert_to_expert_groups, set_trainable
-from mose_lightning.training import finish_run, make_trainer, resume_path, scalar_metrics, start_run
+from mose_lightning.training import (
+    finish_run, make_trainer, record_final_metrics, resume_path, scalar_metrics, start_run,
+)
 
 FINAL_KEYS = ("train/loss", "val/loss", "val/answer_token_acc", "train/aux_loss", "train/aux/router_skill")
 
@@ -29,6 +31,7 @@ def fine_tune(cfg: ExperimentConfig, model: MoEVisionLanguageModel, stage: str) 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(run_dir))
     metrics = {k: v for k, v in scalar_metrics(trainer).items() if k in FINAL_KEYS or k.startswith("val/router_acc")}
     metrics["steps"] = trainer.global_step
+    metrics = record_final_metrics(run_dir, metrics)  # before the save: a kill during it must not lose them
     # Collective under FSDP (gathers the full state on rank 0); a plain state dict otherwise.
     full = trainer.strategy.lightning_module_state_dict()
     if trainer.is_global_zero:

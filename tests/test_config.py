@@ -1,0 +1,57 @@
+"""Config values that would crash later, far from their key, are refused when the config is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mose_lightning.config import ConfigError, load_config
+
+TOY = Path(__file__).resolve().parent.parent / "configs" / "experiment" / "toy_mose.yaml"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.devices=abc", "trainer.devices"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("optim.betas=[0.9,1.5]", "optim.betas"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    ("trainer.accelerator=gpus", "trainer.accelerator"),
+    ("trainer.num_nodes=0", "trainer.num_nodes"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
+    ("trainer.val_every_n_steps=0", "trainer.val_every_n_steps"),
+    ("trainer.checkpoint_every_n_steps=0", "trainer.checkpoint_every_n_steps"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
+    ("trainer.num_threads=-2", "trainer.num_threads"),
+    ("optim.warmup_ratio=1.5", "optim.warmup_ratio"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.verify_checksums=sometimes", "data.verify_checksums"),
+    ("router_pretrain.epochs=0", "router_pretrain.epochs"),
+    ("router_pretrain.holdout_fraction=1", "router_pretrain.holdout_fraction"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+    ("eval.judge.client.max_concurrency=0", "eval.judge.client.max_concurrency"),
+    ("eval.judge.client.timeout_s=0", "eval.judge.client.timeout_s"),
+    ("annotate.client.max_retries=-1", "annotate.client.max_retries"),
+    ("data.synthetic.num_test=-5", "data.synthetic.num_test"),
+])
+def test_bad_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: expected"):
+        load_config(TOY, [override])
+
+
+@pytest.mark.parametrize("devices", ["auto", "1", "2", "-1", "0,1", "[0,1]"])
+def test_devices_lightning_accepts_are_accepted(devices):
+    assert load_config(TOY, [f"trainer.devices='{devices}'"]).trainer.devices == devices
+
+
+@pytest.mark.parametrize("command", [["sft", "--config", str(TOY)], ["demo"], ["reproduce-toy"]])
+def test_the_command_line_prints_a_config_error_as_one_line(capsys, command):
+    from mose_lightning import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "trainer.devices=abc"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: ") and "trainer.devices: expected" in err and "'abc'" in err
