@@ -19,6 +19,10 @@ Shards are WebDataset tar files. One record is one question-answer pair and hold
     - `category`: super-class of the object a regional question is about (vehicle | vru | traffic_sign |
       traffic_light | traffic_cone | barrier | miscellaneous), else null
     - `source`: dict tracing the sample back to its origin (file, entry id, split, frame token, generator seed...)
+  and optionally (written only when set; older shards lack them)
+    - `view_labels`: the views the question needs, a list of names from `views` (multi-label; empty: the data
+      names none, so the model's configured fallback applies), for camera-view routing
+    - `command`: a navigation command of the ego car ("turn left", ...), a context input of the view router
   Unknown extra keys are kept (`Sample.extra`) so later tools (e.g. the skill annotator) can add fields.
 
 Images are stored as JPEG bytes exactly as the converter produced them; a loader decodes them with
@@ -44,6 +48,7 @@ TASKS: Dict[str, tuple] = {
 }
 CATEGORIES = ("vehicle", "vru", "traffic_sign", "traffic_light", "traffic_cone", "barrier", "miscellaneous")
 JSON_FIELDS = ("dataset", "task", "question", "answer", "views", "region", "skills", "category", "source")
+OPTIONAL_JSON_FIELDS = ("view_labels", "command")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _IMAGE_MEMBER_RE = re.compile(r"^(\d+)\.jpg$")
@@ -84,6 +89,8 @@ class Sample:
     category: Optional[str] = None
     source: Dict[str, Any] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
+    view_labels: Optional[List[str]] = None
+    command: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         data = dict(self.extra)
@@ -98,6 +105,10 @@ class Sample:
             category=self.category,
             source=self.source,
         )
+        for name in OPTIONAL_JSON_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = list(value) if isinstance(value, list) else value
         return data
 
     def to_record(self) -> Dict[str, Any]:
@@ -151,7 +162,7 @@ class Sample:
             if not isinstance(value, (bytes, bytearray, memoryview)):
                 raise SampleError(f"{label}: member {i}.jpg must be bytes, got {type(value).__name__}")
             images.append(bytes(value))
-        extra = {k: v for k, v in raw.items() if k not in JSON_FIELDS}
+        extra = {k: v for k, v in raw.items() if k not in JSON_FIELDS + OPTIONAL_JSON_FIELDS}
         sample = cls(
             key=key,
             dataset=raw["dataset"],
@@ -165,6 +176,8 @@ class Sample:
             category=raw["category"],
             source=raw["source"],
             extra=extra,
+            view_labels=raw.get("view_labels"),
+            command=raw.get("command"),
         )
         validate(sample, where)
         return sample
@@ -229,6 +242,15 @@ def validate(sample: Sample, where: str = "sample", skill_levels: Optional[Mappi
         raise _fail(key, where, "category", f"null or one of {list(CATEGORIES)}", sample.category)
     if not isinstance(sample.source, Mapping):
         raise _fail(key, where, "source", "a JSON object", sample.source)
+    labels = sample.view_labels
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels) or len(set(labels)) != len(labels):
+            raise _fail(key, where, "view_labels", "null or a list of distinct view names", labels)
+        missing = [v for v in labels if v not in views]
+        if missing:
+            raise _fail(key, where, "view_labels", f"names of the sample's views {views}", missing)
+    if sample.command is not None and (not isinstance(sample.command, str) or not sample.command.strip()):
+        raise _fail(key, where, "command", "null or a non-empty string", sample.command)
 
 
 def decode_images(item: Union[Sample, Mapping[str, Any]]) -> List[Image.Image]:
