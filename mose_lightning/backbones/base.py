@@ -171,3 +171,23 @@ class BackboneAdapter:
         and prompt_text + answer + end of turn (None without an answer). Tokenising prompt_text gives an exact
         prefix of tokenising full_text, so label masking can cut at len(prompt tokens)."""
         raise NotImplementedError
+
+    # ---- camera-view routing (mose_lightning/views.py): images encoded on their own, prompts assembled per batch --
+    def encode_images(self, model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The language-model input tokens of each image, (tokens_i, hidden) per image, from the vision tower."""
+        raise BackboneError(f"backbone {self.name!r}: camera-view routing (views.enabled) is not supported; "
+                            "use backbone.name=qwen2_vl or toy")
+
+    def view_prompt_pieces(self, processor: Any, question: str, system: Optional[str] = None,
+                           answer: Optional[str] = None) -> Dict[str, list]:
+        """Token ids of a multi-image prompt around its images: `prefix` (up to the first image), `suffix` (after
+        the last image, up to the generation prompt), `answer` (answer + end of turn; empty without an answer), and
+        `image_start`, `image_pad`, `image_end`: one image is image_start + image_pad x its tokens + image_end."""
+        raise BackboneError(f"backbone {self.name!r}: camera-view routing (views.enabled) is not supported; "
+                            "use backbone.name=qwen2_vl or toy")
+
+    def precomputed_image_inputs(self, features: Tuple[torch.Tensor, ...], grid_thw: torch.Tensor) -> Dict[str, Any]:
+        """Forward / generate keyword arguments that hand already-encoded image tokens (in placeholder order) to the
+        model instead of pixels."""
+        raise BackboneError(f"backbone {self.name!r}: camera-view routing (views.enabled) is not supported")
+

@@ -237,9 +237,11 @@ class SplitInfo:
 class DriveDataModule(pl.LightningDataModule):
     """CODA-LM, DriveLM and synthetic shards behind one interface, for every stage."""
 
-    def __init__(self, cfg: DataConfig, adapter, processor, taxonomy) -> None:
+    def __init__(self, cfg: DataConfig, adapter, processor, taxonomy, views=None) -> None:
         super().__init__()
         self.cfg = cfg
+        # ViewsConfig with views.enabled: samples keep every view and leave the prompt to the model.
+        self.views = views if views is not None and views.enabled else None
         self.adapter = adapter
         self.processor = processor
         self.taxonomy = taxonomy
@@ -267,6 +269,12 @@ class DriveDataModule(pl.LightningDataModule):
         c = self.cfg
         settings = EncodeSettings(c.image_width, c.image_height, c.max_length, c.overlong, c.system_prompt or None,
                                   with_answer, c.blank_images)
+        if self.views is not None:
+            from mose_lightning.data.view_encode import ViewSampleEncoder
+
+            v = self.views
+            shown = len(v.names) if v.eval_mode == "all" or v.extra_view_prob > 0 else len(v.kept) + v.top_k
+            return ViewSampleEncoder(self.adapter, self.processor, self.taxonomy, settings, v, shown)
         return SampleEncoder(self.adapter, self.processor, self.taxonomy, settings)
 
     def samples_per_rank(self, world: int) -> int:
@@ -326,6 +334,11 @@ class _Collate:
         skipped: Counter = Counter()
         for item in items:
             skipped.update(item.pop("skipped", {}))
-        batch = collate(items, self.pad_id, self.padding_side)
+        if "view_item" in items[0]:
+            from mose_lightning.data.view_encode import collate_views
+
+            batch = collate_views(items)
+        else:
+            batch = collate(items, self.pad_id, self.padding_side)
         batch["skipped"] = dict(skipped)
         return batch
