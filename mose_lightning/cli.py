@@ -4,6 +4,7 @@
   mose data coda-lm|drivelm|synthetic ...      dataset converters (data_recipes/)
   mose skills annotate --shards S --out DIR --annotator rule|gpt
   mose pretrain-router | sft | expert-group | eval --config F [key=value ...]
+  mose pretrain-view-router --config F [key=value ...]   view router on cached vision features (views.enabled)
   mose predict --checkpoint DIR --image IMG [--image IMG2] --question "..." [--box x,y,w,h]
   mose report RUN_DIR [RUN_DIR ...]
   mose demo | reproduce-toy
@@ -31,6 +32,7 @@ STAGE_RUNNERS = {
     "sft": ("sft", "mose_lightning.stages.sft", "run_sft"),
     "expert-group": ("expert_group", "mose_lightning.stages.sft", "run_expert_group"),
     "eval": ("eval", "mose_lightning.stages.evaluate", "run_eval"),
+    "pretrain-view-router": ("pretrain_view_router", "mose_lightning.stages.view_pretrain", "run_view_pretrain"),
 }
 STAGES = tuple(STAGE_RUNNERS)
 _TOY_MOSE = Path(__file__).resolve().parent.parent / "configs" / "experiment" / "toy_mose.yaml"

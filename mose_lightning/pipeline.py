@@ -53,6 +53,25 @@ def ensure_synthetic_data(cfg: ExperimentConfig) -> None:
     cfg.data.test_shards = cfg.data.test_shards or str(rule / "test")
 
 
+def ensure_synthetic_views(cfg: ExperimentConfig) -> None:
+    """Empty shard settings on a toy config with views.enabled -> the multi-view synthetic set (labels by
+    construction, no annotation step), cameras = views.names."""
+    if not cfg.views.enabled or cfg.data.train_shards or not _is_toy(cfg):
+        return
+    from data_recipes.synthetic import generate_synthetic_multiview
+
+    s = cfg.views.synthetic
+    root = resolve_path(s.out_dir)
+    if not all(is_complete(root / split) for split in SPLITS):
+        print(f"[toy] generating the multi-view synthetic set in {root}")
+        # At least 8 shards per split: every DDP rank needs its own training shard.
+        generate_synthetic_multiview(root, s.num_train, s.num_val, s.num_test, s.seed, s.image_width, s.image_height,
+                                     cfg.views.names, overwrite=True, maxcount=max(1, min(200, -(-s.num_train // 8))))
+    cfg.data.train_shards = str(root / "train")
+    cfg.data.val_shards = cfg.data.val_shards or str(root / "val")
+    cfg.data.test_shards = cfg.data.test_shards or str(root / "test")
+
+
 def ensure_toy_backbone(cfg: ExperimentConfig) -> None:
     """The toy backbone's brief dense instruction tuning, run once and cached at backbone.init_checkpoint."""
     target = cfg.backbone.init_checkpoint
@@ -108,6 +127,7 @@ def ensure_trained_model(cfg: ExperimentConfig, kind_for_source: str = "") -> No
 
 def prepare(cfg: ExperimentConfig, stage: str) -> None:
     """Create what `stage` needs on the toy default."""
+    ensure_synthetic_views(cfg)
     ensure_synthetic_data(cfg)
     ensure_toy_backbone(cfg)
     if stage == "sft":
