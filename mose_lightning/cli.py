@@ -140,8 +140,12 @@ def _cmd_predict(args) -> None:
     box = [float(v) for v in args.box.split(",")] if args.box else None
     if box is not None and len(box) != 4:
         raise ConfigError(f"--box: expected x,y,w,h, got {args.box!r}")
-    answer, chain = predict_one(args.checkpoint, args.image, args.question, box, args.max_new_tokens)
+    views: dict = {}
+    answer, chain = predict_one(args.checkpoint, args.image, args.question, box, args.max_new_tokens, views)
     print(f"answer: {answer}")
+    if views:
+        print(f"views shown: {', '.join(views['shown'])}")
+        print("view router: " + ", ".join(f"{name} {p:.2f}" for name, p in views["choice"]))
     print("skill chain:")
     for step in chain:
         print(f"  layer {step['layer']:>2}  {step['level']:<11} {step['skill']:<20} p={step['prob']:.2f}")

@@ -2,7 +2,7 @@
 
 Activated = every parameter a token passes through. Per MoE layer a token uses the shared expert and
   MoSE: 1 of N skill experts;  expert groups: 1 of 2N (its skill's image or text expert);  top-k: k of N.
-Everything else (vision tower, attention, embeddings, routers) is activated.
+Everything else (vision tower, attention, embeddings, routers, the view router) is activated.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ def _unique_numel(params) -> int:
 
 def parameter_report(model) -> Dict[str, object]:
     """Counts for a `MoEVisionLanguageModel` (works on the meta device)."""
-    total = _unique_numel(model.backbone.parameters())
-    trainable = _unique_numel(p for p in model.backbone.parameters() if p.requires_grad)
+    # The view router and view embeddings (views.enabled) run for every sample beside the backbone.
+    views = list(model.views.parameters()) if getattr(model, "views", None) is not None else []
+    total = _unique_numel(list(model.backbone.parameters()) + views)
+    trainable = _unique_numel(p for p in list(model.backbone.parameters()) + views if p.requires_grad)
     inactive = 0
     for block in model.layout.blocks:
         experts = getattr(block, "experts", None)

@@ -80,7 +80,13 @@ def ensure_toy_backbone(cfg: ExperimentConfig) -> None:
     from mose_lightning.stages.sft import run_sft
 
     instruct = load_config(TOY_INSTRUCT_CONFIG)
-    instruct.data = copy.deepcopy(cfg.data)
+    if cfg.views.enabled:
+        # A view config's data is the multi-view set; the toy learns to read the scenes (the same objects) from the
+        # single-view synthetic set, as for every other toy config.
+        instruct.data.synthetic = copy.deepcopy(cfg.data.synthetic)
+        ensure_synthetic_data(instruct)
+    else:
+        instruct.data = copy.deepcopy(cfg.data)
     instruct.backbone.toy = copy.deepcopy(cfg.backbone.toy)
     instruct.backbone.toy_dir = cfg.backbone.toy_dir
     instruct.run_dir = str(Path(target).parent)

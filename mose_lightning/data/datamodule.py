@@ -265,7 +265,7 @@ class DriveDataModule(pl.LightningDataModule):
         self.splits[name] = info
         return info
 
-    def encoder(self, with_answer: bool) -> SampleEncoder:
+    def encoder(self, with_answer: bool, kept_views_only: bool = False) -> SampleEncoder:
         c = self.cfg
         settings = EncodeSettings(c.image_width, c.image_height, c.max_length, c.overlong, c.system_prompt or None,
                                   with_answer, c.blank_images)
@@ -274,7 +274,7 @@ class DriveDataModule(pl.LightningDataModule):
 
             v = self.views
             shown = len(v.names) if v.eval_mode == "all" or v.extra_view_prob > 0 else len(v.kept) + v.top_k
-            return ViewSampleEncoder(self.adapter, self.processor, self.taxonomy, settings, v, shown)
+            return ViewSampleEncoder(self.adapter, self.processor, self.taxonomy, settings, v, shown, kept_views_only)
         return SampleEncoder(self.adapter, self.processor, self.taxonomy, settings)
 
     def samples_per_rank(self, world: int) -> int:
@@ -306,12 +306,13 @@ class DriveDataModule(pl.LightningDataModule):
         stream.set_epoch(epoch)
         return self.loader(stream, self.cfg.batch_size, "right")
 
-    def eval_stream(self, split: str, with_answer: bool) -> ShardStream:
+    def eval_stream(self, split: str, with_answer: bool, kept_views_only: bool = False) -> ShardStream:
         info = self.split_info(split)
         if info is None:
             raise ConfigError(f"data.{split}_shards is empty; expected the {split} shards")
         rank, world = _dist_rank_world()
-        return ShardStream(info.shards, self.encoder(with_answer), rank, world, False, self.cfg.seed, 0, total=info.total)
+        return ShardStream(info.shards, self.encoder(with_answer, kept_views_only), rank, world, False, self.cfg.seed, 0,
+                           total=info.total)
 
     def val_dataloader(self) -> DataLoader:
         if not self.cfg.val_shards:

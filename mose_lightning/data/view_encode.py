@@ -51,8 +51,10 @@ class ViewSampleEncoder:
     """Callable sample -> dict with `view_item` (per-sample tensors) + `meta`; picklable for DataLoader workers."""
 
     def __init__(self, adapter, processor, taxonomy: SkillTaxonomy, settings: EncodeSettings, views: ViewsConfig,
-                 max_shown: int) -> None:
+                 max_shown: int, kept_only: bool = False) -> None:
         self.adapter = adapter
+        # Preprocess the kept views only (what the router reads): for router pretraining, which shows no other view.
+        self.kept_only = kept_only
         self.processor = processor
         self.taxonomy = taxonomy
         self.settings = settings
@@ -74,9 +76,11 @@ class ViewSampleEncoder:
             raise SampleError(f"sample {sample.key!r}: lacks the kept view(s) {missing} of views.kept "
                               f"(its views: {sample.views})")
         targets = view_targets(sample, v)
-        decoded = dict(zip(sample.views, decode_images(sample)))
-        present = [name for name in v.names if name in decoded]
-        images = [decoded[name].resize((s.image_width, s.image_height)) for name in present]
+        present = [name for name in v.names if name in sample.views]
+        processed = [name for name in present if name in v.kept] if self.kept_only else present
+        record = {"__key__": sample.key, **{f"{j}.jpg": sample.images[sample.views.index(name)]
+                                            for j, name in enumerate(processed)}}
+        images = [img.resize((s.image_width, s.image_height)) for img in decode_images(record)]
         if s.blank_images:
             images = [Image.new("RGB", img.size, (128, 128, 128)) for img in images]
         vision = self.processor.image_processor(images=images, return_tensors="pt")
@@ -98,7 +102,7 @@ class ViewSampleEncoder:
         item = {
             "pixel_values": vision["pixel_values"],
             "grid_thw": grid,
-            "view_index": torch.tensor([v.names.index(name) for name in present], dtype=torch.long),
+            "view_index": torch.tensor([v.names.index(name) for name in processed], dtype=torch.long),
             "prefix_ids": torch.tensor(pieces["prefix"], dtype=torch.long),
             "suffix_ids": torch.tensor(pieces["suffix"], dtype=torch.long),
             "answer_ids": torch.tensor(pieces["answer"], dtype=torch.long),
@@ -119,7 +123,7 @@ class ViewSampleEncoder:
                 "frame": sample.source.get("frame_token"),
                 "truncated_words": 0,
                 "thumbnail": np.asarray(images[0].resize((96, 54))) if images else None,
-                "view_thumbnails": {name: np.asarray(img.resize((96, 54))) for name, img in zip(present, images)},
+                "view_thumbnails": {name: np.asarray(img.resize((96, 54))) for name, img in zip(processed, images)},
             },
         }
 

@@ -123,7 +123,9 @@ def cached_inputs(model, cfg: ExperimentConfig, datamodule: DriveDataModule, spl
         data = torch.load(path, weights_only=True)
         print(f"view router inputs: cache hit {path} ({len(data['keys'])} samples, no vision pass)")
         return RouterInputs(data), 0
-    loader = datamodule.loader(datamodule.eval_stream(split, with_answer=False), cfg.data.eval_batch_size, "left")
+    # Only the kept views are decoded and preprocessed: they are all the router reads.
+    loader = datamodule.loader(datamodule.eval_stream(split, with_answer=False, kept_views_only=True),
+                               cfg.data.eval_batch_size, "left")
     inputs, encoded = extract_router_inputs(model, loader, desc=f"view router inputs ({split})")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
