@@ -17,8 +17,8 @@ view other than CAM_FRONT; mean and sample std over seeds. Router: top-1 accurac
 Cost per mode on one prompt batch (--batch-size prompts from the test split), timed round-robin
 (common.time_interleaved): the prefill = vision tower on the views the mode encodes (kept views, the router, the
 chosen views) + the language model's forward on the assembled prompt; image tokens and images encoded per sample;
-peak memory of one prefill (CPU: the resident set's peak over its RSS before, VmHWM after clear_refs; CUDA:
-max_memory_allocated over the allocation before). Sizes: `toy` (the trained seed-0 model) and `medium` (the
+peak memory of one prefill (CPU: the peak of the running sum of the profiler's allocation and free events, i.e.
+the tensors PyTorch allocates; CUDA: max_memory_allocated over the allocation before). Sizes: `toy` (the trained seed-0 model) and `medium` (the
 same with a language model of hidden size 512 and untrained weights: timing does not depend on them), where the
 language model's cost is large enough against fixed per-call costs for token counts to show.
 
@@ -30,7 +30,9 @@ seeds). Reported as measured, met or not.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -62,19 +64,8 @@ def build_parser():
     return parser
 
 
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def peak_memory(fn, device: torch.device) -> Optional[float]:
-    """MiB one call of `fn` adds at its peak (see the module docstring)."""
+    """MiB one call of `fn` allocates at its peak, beyond what was allocated before (see the module docstring)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -82,15 +73,15 @@ def peak_memory(fn, device: torch.device) -> Optional[float]:
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / MiB
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    before = _status_kib("VmRSS")
-    fn()
-    peak = _status_kib("VmHWM")
-    return None if before is None or peak is None else (peak - before) / 1024
+    # CPU: the profiler's allocation and free events in time order; their running sum peaks at the call's peak.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    running = peak = 0
+    for _, delta in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                           if e.self_cpu_memory_usage):
+        running += delta
+        peak = max(peak, running)
+    return peak / MiB
 
 
 def _config(args, work: Path, seed: int, data: Path, extra: List[str]):
@@ -276,12 +267,11 @@ def run(args) -> dict:
     return {
         "benchmark": NAME,
         "machine": machine_info(device, dtype),
-        "config": str(args.config or DEFAULT_CONFIG.relative_to(PROJECT)),
-        "seeds": seeds,
-        "train_steps": 2 if args.tiny else (args.steps or cfg0.trainer.max_steps),
-        "views": {"names": cfg0.views.names, "kept": cfg0.views.kept, "fallback": cfg0.views.fallback,
-                  "marker": cfg0.views.marker, "extra_view_prob": cfg0.views.extra_view_prob},
-        "test_samples": samples,
+        "config": {"file": str(args.config or DEFAULT_CONFIG.relative_to(PROJECT)), "seeds": seeds,
+                   "train_steps": 2 if args.tiny else (args.steps or cfg0.trainer.max_steps), "test_samples": samples,
+                   "batch_size": bsz, "sizes": sizes,
+                   "views": {"names": cfg0.views.names, "kept": cfg0.views.kept, "fallback": cfg0.views.fallback,
+                             "marker": cfg0.views.marker, "extra_view_prob": cfg0.views.extra_view_prob}},
         "quality": quality,
         "per_seed": {str(s): v for s, v in per_seed.items()},
         "results": efficiency,
@@ -325,7 +315,10 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    emit(run(args), args.json, table)
+    # Training prints (progress bars, label counts) go to stderr: stdout holds the one JSON object.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run(args)
+    emit(result, args.json, table)
     return 0
 
 

@@ -192,7 +192,8 @@ def convert_drivelm(
         counts = {}
         for name, writer in writers.items():  # manifests last, once every split's shards are on disk
             manifest = writer.commit({**common, "split": name or None, "frames": sorted(frames_of[name]),
-                                      "view_labels": view_counts[name].to_dict()})
+                                      "view_labels": view_counts[name].to_dict(),
+                                      "view_label_sets": view_counts[name].label_sets_manifest()})
             counts[name] = manifest["tasks"]
     except BaseException:
         for writer in writers.values():

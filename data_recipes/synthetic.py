@@ -827,13 +827,14 @@ def generate_synthetic_multiview(
     dirs = {split: out_dir / split for split in SPLIT_NAMES}
     prepare_output_dirs(list(dirs.values()), overwrite=overwrite)
     writers = {split: ShardWriter(path, prefix=split, maxcount=maxcount) for split, path in dirs.items()}
-    stats = {split: {"view_labels": Counter(), "question_types": Counter()} for split in SPLIT_NAMES}
+    stats = {split: {"view_labels": Counter(), "question_types": Counter(), "sets": Counter()} for split in SPLIT_NAMES}
     try:
         for split in SPLIT_NAMES:
             for i in progress(range(sizes[split]), desc=f"synthetic multiview {split}", enabled=show_progress):
                 sample = make_multiview_sample(split, i, seed, width, height, cameras)
                 writers[split].write(sample)
                 stats[split]["view_labels"].update(sample.view_labels)
+                stats[split]["sets"]["|".join(sample.view_labels)] += 1
                 stats[split]["question_types"][sample.source["question_type"]] += 1
         for writer in writers.values():
             writer.close()
@@ -844,6 +845,7 @@ def generate_synthetic_multiview(
                 "image_size": [width, height], "cameras": cameras,
                 "view_labels": dict(sorted(stats[split]["view_labels"].items())),
                 "question_types": dict(sorted(stats[split]["question_types"].items())),
+                "view_label_sets": {"views": cameras, "sets": dict(sorted(stats[split]["sets"].items()))},
                 "num_skipped_entries": 0, "skipped": [],
             })
             counts[split] = manifest["tasks"]

@@ -97,6 +97,11 @@ def label_views(question: str, answer: Optional[str], group: str, view_names: Se
     return labels, evidence, dropped
 
 
+def label_set_key(labels: Sequence[str]) -> str:
+    """A label list as a manifest key: the names joined by "|" in order ("" when none is named)."""
+    return "|".join(labels)
+
+
 class ViewLabelCounts:
     """What a converter reports about the labels it derived: samples needing each view, samples naming none,
     samples needing more than one, per QA group, and cameras dropped because the sample's views lack them."""
@@ -109,9 +114,15 @@ class ViewLabelCounts:
         self.multi = 0
         self.samples = 0
         self.dropped: Counter = Counter()
+        self.label_sets: Counter = Counter()
+        self.sample_views: Optional[List[str]] = None
 
-    def add(self, group: str, labels: Sequence[str], evidence: Mapping[str, Sequence[str]], dropped: Sequence[str]) -> None:
+    def add(self, group: str, labels: Sequence[str], evidence: Mapping[str, Sequence[str]], dropped: Sequence[str],
+            views: Optional[Sequence[str]] = None) -> None:
         self.samples += 1
+        self.label_sets[label_set_key(labels)] += 1
+        if views is not None:
+            self.sample_views = list(views) if self.sample_views in (None, list(views)) else []
         group_counts = self.by_group.setdefault(group, Counter())
         group_counts["samples"] += 1
         if not labels:
@@ -137,6 +148,11 @@ class ViewLabelCounts:
             "dropped_cameras": dict(sorted(self.dropped.items())),
         }
 
+    def label_sets_manifest(self) -> Dict[str, object]:
+        """The manifest's `view_label_sets`: samples per label set, and the views every sample has (empty when
+        they differ), from which a model's router-class counts follow for any kept views and fallback."""
+        return {"views": self.sample_views or [], "sets": dict(sorted(self.label_sets.items()))}
+
     def summary(self) -> str:
         views = ", ".join(f"{v} {n}" for v, n in sorted(self.views.items(), key=lambda kv: -kv[1]))
         text = (f"{self.samples} samples: {views or 'no view named'}; none named {self.none_named}; "
@@ -152,4 +168,4 @@ def label_sample(sample, counts: Optional[ViewLabelCounts] = None) -> None:
     sample.view_labels = labels
     sample.source["view_label_evidence"] = evidence
     if counts is not None:
-        counts.add(sample.task, labels, evidence, dropped)
+        counts.add(sample.task, labels, evidence, dropped, sample.views)

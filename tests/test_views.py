@@ -136,6 +136,24 @@ def test_synthetic_multiview_is_deterministic_and_labelled_by_construction(tmp_p
         synthetic.generate_synthetic_multiview(tmp_path / "c", 1, 0, 0, cameras=["CAM_BACK", "CAM_BACK_LEFT"])
 
 
+def test_training_label_counts_from_the_manifest_match_the_records(views_data):
+    from mose_lightning.data.shards import expand_shards, iter_records
+    from mose_lightning.data.view_encode import count_view_targets
+
+    for fallback in ("NONE", "CAM_BACK"):
+        views = load_config(VIEW_TOY, [f"views.fallback={fallback}"]).views
+        expected = {name: 0 for name in views.classes}
+        for record in iter_records(expand_shards(str(views_data / "train"))):
+            sample = Sample.from_record(record)
+            needed = [v for v in sample.view_labels if v in views.candidates] or [fallback]
+            for name in needed:
+                expected[name] += 1
+        shards = expand_shards(str(views_data / "train"))
+        assert count_view_targets(shards, views) == expected  # from the manifest's label-set counts
+        partial = count_view_targets(shards[:2], views)  # a subset of a folder's shards: read from the records
+        assert sum(partial.values()) == 8
+
+
 # ---- losses and selection ---------------------------------------------------------------------------------------
 def test_focal_loss_matches_a_hand_computed_value():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])

@@ -142,11 +142,42 @@ def collate_views(items: List[Dict[str, Any]]) -> Dict[str, Any]:
     }
 
 
-def count_view_targets(shards: List[str], views: ViewsConfig) -> Dict[str, int]:
-    """Samples per router class in `shards` (a multi-label sample counts for each of its classes), read from the
-    records' JSON: the training-set frequencies behind the focal loss's inverse-frequency alpha."""
-    from mose_lightning.data.shards import iter_records
+def _class_counts(label_sets: Dict[str, int], sample_views: List[str], views: ViewsConfig) -> Dict[str, int]:
+    """Router-class counts from a manifest's label-set counts (see data_recipes/view_labels.py)."""
+    counts = {name: 0 for name in views.classes}
+    for key, n in label_sets.items():
+        sample = Sample(key="manifest", dataset="synthetic", task="general", question="?", answer=None,
+                        views=list(sample_views), images=[], view_labels=[v for v in key.split("|") if v])
+        for name, hot in zip(views.classes, view_targets(sample, views) or []):
+            counts[name] += int(hot) * int(n)
+    return counts
 
+
+def count_view_targets(shards: List[str], views: ViewsConfig) -> Dict[str, int]:
+    """Samples per router class in `shards` (a multi-label sample counts for each of its classes): the
+    training-set frequencies behind the focal loss's inverse-frequency alpha. From the manifests' label-set
+    counts where every shard folder has them and the shards are all of its shards; else from the records' JSON
+    (a pass over the data)."""
+    from pathlib import Path
+
+    from mose_lightning.data.shards import ShardError, iter_records, read_manifest
+
+    folders: Dict[str, List[str]] = {}
+    for shard in shards:
+        folders.setdefault(str(Path(shard).parent), []).append(Path(shard).name)
+    total = {name: 0 for name in views.classes}
+    try:
+        for folder, names in folders.items():
+            manifest = read_manifest(folder)
+            sets = manifest.get("view_label_sets")
+            listed = sorted(e["name"] for e in manifest["shards"])
+            if not sets or not sets.get("views") or sorted(names) != listed:
+                raise ShardError("no usable label-set counts")
+            for name, n in _class_counts(sets["sets"], sets["views"], views).items():
+                total[name] += n
+        return total
+    except (ShardError, KeyError, TypeError, ValueError):
+        pass
     counts = {name: 0 for name in views.classes}
     for record in iter_records(shards, on_error="skip"):
         sample = Sample.from_record(record, where=record.get("__url__", "?"))
