@@ -89,7 +89,7 @@ def _config(args, work: Path, seed: int, data: Path, extra: List[str]):
 
     overrides = [f"data.train_shards={data / 'train'}", f"data.val_shards={data / 'val'}",
                  f"data.test_shards={data / 'test'}", f"backbone.toy_dir={work / 'toy'}", f"seed={seed}",
-                 f"trainer.seed={seed}", f"data.seed={seed}", "trainer.num_threads=0"] + extra
+                 f"trainer.seed={seed}", f"data.seed={seed}"] + extra
     if args.steps:
         overrides.append(f"trainer.max_steps={args.steps}")
     return load_config(args.config or DEFAULT_CONFIG, overrides)
