@@ -10,7 +10,7 @@ CONFIG      ?= configs/experiment/toy_mose.yaml
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-quality test-gpu demo pretrain-router pretrain-view-router sft expert-group eval bench bench-gpu reproduce-toy clean
+.PHONY: install test test-quality test-gpu gpu-check demo pretrain-router pretrain-view-router sft expert-group eval bench bench-gpu reproduce-toy clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,9 +60,14 @@ eval: install
 bench: install
 	$(PY) -m benchmarks.run_all
 
-# The GPU benchmarks in bf16 (results in benchmarks/results/cuda/).
+# The GPU benchmarks in bf16 (results in benchmarks/results/cuda/): the MoE layer at 2B size, generation,
+# memory, and the full-size training step of Qwen2-VL-2B with random weights.
 bench-gpu: install
 	$(PY) -m benchmarks.run_all --only moe_layer,generate,memory --results-dir benchmarks/results/cuda -- --device cuda --dtype bfloat16 --repeats 20 --warmup 3
+	$(PY) -m benchmarks.run_all --only train_step --results-dir benchmarks/results/cuda -- --device cuda --dtype bfloat16 --repeats 5 --warmup 2
+
+# Everything a lent GPU should check, in one go (planned to take under 8 minutes on one H100/H200).
+gpu-check: test-gpu bench-gpu
 
 reproduce-toy: install
 	$(VENV)/bin/mose reproduce-toy $(ARGS)

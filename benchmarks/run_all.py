@@ -2,7 +2,8 @@
 
     python -m benchmarks.run_all [--only a,b] [--tiny] [--results-dir DIR] [-- extra args for every module]
 
-Each module runs in its own process (`python -m benchmarks.<name> --json ...`), so one benchmark's memory or a
+A module with `GPU_ONLY = True` (full-size models) runs only with `-- --device cuda` (or --tiny). Each module runs
+in its own process (`python -m benchmarks.<name> --json ...`), so one benchmark's memory or a
 crash does not affect the next; its stdout must be exactly one JSON object (progress goes to stderr).
 """
 
@@ -56,8 +57,13 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown benchmark(s) {missing}; available: {names}")
         names = wanted
     os.makedirs(args.results_dir, exist_ok=True)
+    device = extra[extra.index("--device") + 1] if "--device" in extra[:-1] else "cpu"
     failures = []
     for name in names:
+        module = __import__(f"benchmarks.{name}", fromlist=["NAME"])
+        if getattr(module, "GPU_ONLY", False) and not device.startswith("cuda") and not args.tiny:
+            print(f"== {name}: skipped (measures full-size models on a GPU: make bench-gpu)", flush=True)
+            continue
         cmd = [sys.executable, "-m", f"benchmarks.{name}", "--json"] + (["--tiny"] if args.tiny else []) + extra
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()

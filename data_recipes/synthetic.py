@@ -52,6 +52,17 @@ Skills per level (exact names of configs/skills/driving.yaml), by the same rules
               none -> general
   planning    regional -> the boxed object's role; else the most important object's role; none -> general
 
+Question families (`family`): "driving" (default) is the task set above. "perception" asks about the same scenes
+(scene i of a split and seed is the same scene in both families) only what is where, never what it means:
+  objects     every object (key objects and distractors alike) in a fixed spatial order, near to far and left to
+              right, each as the same noun phrase the driving answers use: "<Object 1>. <Object 2>." (or no object)
+  locate      a red rectangle around one object drawn at random (not the most important one by rule):
+              "<object>."; `region` set
+Its answers never contain an effect, an advice, an order of importance or which objects matter: a backbone
+prepared on it has seen the scenes and learnt to name and place what is in them, and the driving tasks' reasoning
+is left to whatever trains on the driving family (the miniature of docs/miniature.md). Perception samples carry
+no skills (`skills` null): they are not routed by any skill.
+
 Deterministic: a sample is drawn from random.Random("synthetic:<seed>:<split>:<index>"), so each split gets its
 own stream and identical arguments give byte-identical shards (fixed tar metadata, deterministic JPEG).
 """
@@ -74,10 +85,14 @@ from mose_lightning.data.sample import Sample, encode_jpeg, make_key
 from mose_lightning.data.shards import ShardWriter, prepare_output_dirs
 
 TASK_ORDER = ("general", "regional", "suggestion")
+# Tasks of each question family, taken in turn by sample index (see the module doc).
+FAMILIES: Dict[str, Tuple[str, ...]] = {"driving": TASK_ORDER, "perception": ("objects", "locate")}
 QUESTIONS = {
     "general": "Describe the objects in this driving scene that affect the ego car and explain why.",
     "regional": "Describe the object inside the red rectangle and explain how it affects the ego car.",
     "suggestion": "Give a driving suggestion for the ego car in this scene.",
+    "objects": "List every object in this driving scene and where it is.",
+    "locate": "What is the object inside the red rectangle and where is it?",
 }
 SPLIT_NAMES = ("train", "val", "test")
 VIEW = "front"
@@ -538,12 +553,34 @@ def box_region(o: Obj, width: int, height: int, margin: float = 2.0) -> List[flo
     return [round(x0, 1), round(y0, 1), round(x1 - x0, 1), round(y1 - y0, 1)]
 
 
-def make_sample(split: str, index: int, seed: int, width: int = 224, height: int = 126) -> Sample:
+def spatial_order(scene: Scene) -> List[Obj]:
+    """The scene's objects near to far, then left to right in the image: an order that says where things are and
+    nothing about which of them matters (drawn objects only: it reads their boxes)."""
+    rank = {d: i for i, d in enumerate(Canvas.DIST_Y)}
+    return sorted(scene.objects, key=lambda o: (rank[o.distance], (o.bbox[0] + o.bbox[2]) / 2))
+
+
+def perception_answer(scene: Scene, task: str, target: Optional[Obj] = None) -> str:
+    """What is where, in the noun phrases of the driving answers, and never what it means (module doc)."""
+    if task == "locate":
+        assert target is not None
+        return f"{_cap(phrase(target))}."
+    if not scene.objects:
+        return "There is no object on the road or beside it."
+    return " ".join(f"{_cap(phrase(o))}." for o in spatial_order(scene))
+
+
+def make_sample(split: str, index: int, seed: int, width: int = 224, height: int = 126,
+                family: str = "driving") -> Sample:
+    if family not in FAMILIES:
+        raise ValueError(f"synthetic: family must be one of {sorted(FAMILIES)}, got {family!r}")
     rng = random.Random(f"synthetic:{seed}:{split}:{index}")
-    task = TASK_ORDER[index % len(TASK_ORDER)]
+    tasks = FAMILIES[family]
+    task = tasks[index % len(tasks)]
     scene = sample_scene(rng)
-    if task == "regional" and not scene.objects:
-        # A regional question needs an object: a clear road gets one distractor to point at.
+    boxed = task in ("regional", "locate")
+    if boxed and not scene.objects:
+        # A box needs an object: a clear road gets one distractor to point at.
         scene.distractors.append(_place(ROLES["parked_car"], rng, set()))
     img = render_scene(scene, width, height, rng)
     target = region = category = None
@@ -551,13 +588,32 @@ def make_sample(split: str, index: int, seed: int, width: int = 224, height: int
         # The most important object, so the boxed object and the scene agree on prediction and planning (a
         # router sees the whole prompt's mean, not the box); a distractor only on a clear road.
         target = scene.keys[0] if scene.keys else scene.distractors[0]
+    elif task == "locate":
+        # Any object, from a stream of its own: the scene and its drawing stay those of the driving family.
+        target = random.Random(f"synthetic:{seed}:{split}:{index}:locate").choice(scene.objects)
+    if boxed:
         region = box_region(target, width, height)
         category = target.role.category
         x, y, w, h = region
         ImageDraw.Draw(img).rectangle([x, y, x + w, y + h], outline=BOX_COLOR, width=2)
-    answer, skills = answer_and_skills(scene, task, target)
+    if family == "driving":
+        answer, skills = answer_and_skills(scene, task, target)
+    else:
+        answer, skills = perception_answer(scene, task, target), None
+    source = {
+        "generator": "data_recipes.synthetic",
+        "seed": seed,
+        "split": split,
+        "index": index,
+        "objects": [o.describe() for o in scene.objects],
+        "key_objects": [o.role.name for o in scene.keys],
+        "target": scene.objects.index(target) if target is not None else None,
+        "manoeuvre_side": scene.manoeuvre_side,
+    }
+    if family != "driving":
+        source["family"] = family
     return Sample(
-        key=make_key("synthetic", split, f"{index:06d}"),
+        key=make_key("synthetic", None if family == "driving" else family, split, f"{index:06d}"),
         dataset="synthetic",
         task=task,
         question=QUESTIONS[task],
@@ -567,16 +623,7 @@ def make_sample(split: str, index: int, seed: int, width: int = 224, height: int
         region=region,
         skills=skills,
         category=category,
-        source={
-            "generator": "data_recipes.synthetic",
-            "seed": seed,
-            "split": split,
-            "index": index,
-            "objects": [o.describe() for o in scene.objects],
-            "key_objects": [o.role.name for o in scene.keys],
-            "target": scene.objects.index(target) if target is not None else None,
-            "manoeuvre_side": scene.manoeuvre_side,
-        },
+        source=source,
     )
 
 
@@ -592,11 +639,15 @@ def generate_synthetic(
     overwrite: bool = False,
     maxcount: int = 1000,
     show_progress: Optional[bool] = None,
+    family: str = "driving",
 ) -> ConversionReport:
-    """Write OUT/train, OUT/val, OUT/test (each with a manifest); returns counts per split and task."""
+    """Write OUT/train, OUT/val, OUT/test (each with a manifest); returns counts per split and task. `family`:
+    the question family (module doc)."""
     for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
         if value < 0:
             raise ValueError(f"synthetic: {name} must be >= 0, got {value}")
+    if family not in FAMILIES:
+        raise ValueError(f"synthetic: family must be one of {sorted(FAMILIES)}, got {family!r}")
     if width < 64 or height < 36:
         raise ValueError(f"synthetic: image size must be at least 64x36 to draw readable objects, got {width}x{height}")
     out_dir = Path(out_dir)
@@ -609,10 +660,10 @@ def generate_synthetic(
     try:
         for split in SPLIT_NAMES:
             for i in progress(range(sizes[split]), desc=f"synthetic {split}", enabled=show_progress):
-                sample = make_sample(split, i, seed, width, height)
+                sample = make_sample(split, i, seed, width, height, family)
                 writers[split].write(sample)
                 st = stats[split]
-                for level, skill in sample.skills.items():
+                for level, skill in (sample.skills or {}).items():
                     st["skills"][level][skill] += 1
                 if sample.category:
                     st["categories"][sample.category] += 1
@@ -624,6 +675,7 @@ def generate_synthetic(
             st = stats[split]
             manifest = writer.commit({
                 "dataset": "synthetic",
+                **({} if family == "driving" else {"family": family}),
                 "split": split,
                 "seed": seed,
                 "image_size": [width, height],
@@ -865,6 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-val", type=int, default=None, help="validation samples (default: num/8)")
     p.add_argument("--num-test", type=int, default=None, help="test samples (default: num/8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", choices=sorted(FAMILIES), default="driving",
+                   help="question family: the driving tasks (default) or perception-only questions of the same scenes")
     p.add_argument("--width", type=int, default=224)
     p.add_argument("--height", type=int, default=126)
     p.add_argument("--overwrite", action="store_true", help="regenerate an output directory that is complete")
@@ -891,6 +945,7 @@ def main(argv: Optional[Sequence[str]] = None) -> ConversionReport:
     report = generate_synthetic(
         args.out, args.num, held if args.num_val is None else args.num_val, held if args.num_test is None else args.num_test,
         args.seed, args.width, args.height, overwrite=args.overwrite, maxcount=args.maxcount, show_progress=args.progress,
+        family=args.family,
     )
     print(report.summary())
     return report

@@ -7,7 +7,8 @@
   mose pretrain-view-router --config F [key=value ...]   view router on cached vision features (views.enabled)
   mose predict --checkpoint DIR --image IMG [--image IMG2] --question "..." [--box x,y,w,h]
   mose report RUN_DIR [RUN_DIR ...]
-  mose demo | reproduce-toy
+  mose demo [--config F] [key=value ...]
+  mose reproduce-toy [--quick] [--configs auto|toy|coda] [--workers N] [--root DIR] [key=value ...]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
-from mose_lightning.config import ConfigError, load_config
+from mose_lightning.config import PROJECT_ROOT, ConfigError, load_config
 
 # command -> (what the toy pipeline prepares for it, module, function); modules load lazily, so `mose params` and
 # `mose data` start without importing Lightning.
@@ -115,6 +116,9 @@ def _cmd_params(args) -> None:
     print(f"activated / token: {format_count(report['activated'])} ({report['activated']:,})")
     print(f"MoE layers:        {report['moe_layers']} at decoder layers {report['moe_layer_indices']}")
     print(f"level allocation:  {report['levels']}")
+    if report["reference_ffn"]:
+        print(f"routing pass:      {format_count(report['reference_ffn'])} frozen dense FFN weights beside the model "
+              "(moe.router_input=frozen_backbone)")
 
 
 def _cmd_data(args, rest: List[str]) -> None:
@@ -188,10 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="put several runs side by side")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default=None)
-    for name in ("demo", "reproduce-toy"):
-        p = sub.add_parser(name)
-        p.add_argument("--config", default=None)
-        p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("demo")
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*")
+    from mose_lightning.miniature import build_parser as miniature_parser
+
+    sub.add_parser("reproduce-toy", parents=[miniature_parser(add_help=False)],
+                   help="the paper's comparisons in miniature (docs/miniature.md)")
     return parser
 
 
@@ -219,10 +226,12 @@ def main(argv: Optional[List[str]] = None) -> None:
             apply_cpu_training_settings(load_config(args.config or _TOY_MOSE, _overrides(args.overrides)))
             run_demo(args.config, _overrides(args.overrides))
         elif args.command == "reproduce-toy":
-            from mose_lightning.demo import run_reproduce_toy
+            from mose_lightning.miniature import choose_configs, config_path, run_reproduce
 
-            apply_cpu_training_settings(load_config(_TOY_MOSE, _overrides(args.overrides)))
-            run_reproduce_toy(_overrides(args.overrides))
+            configs = choose_configs(args.configs)
+            # The main process trains only the toy's one-time preparation; every job applies them in its own.
+            apply_cpu_training_settings(load_config(PROJECT_ROOT / config_path(configs, "mose"), _overrides(args.overrides)))
+            run_reproduce(_overrides(args.overrides), args.quick, configs, args.workers, args.root)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -74,6 +74,9 @@ class BackboneConfig:
     # Optional checkpoint (a directory written by mose_lightning.checkpoint) whose backbone weights replace the
     # fresh ones, e.g. the toy backbone after a brief dense instruction tuning.
     init_checkpoint: Optional[str] = None
+    # Toy only: the experiment config whose dense run creates init_checkpoint when it is missing (empty:
+    # configs/experiment/toy_instruct.yaml, instruction tuning on the driving tasks themselves).
+    init_config: Optional[str] = None
 
     def __post_init__(self) -> None:
         _choice("backbone", "name", self.name, ["qwen2_vl", "llava", "toy"])
@@ -108,11 +111,15 @@ class MoEConfig:
     # Coefficient of the skill cross-entropy of every skill router during SFT, on the samples that carry skill
     # labels (0: off). Needs router_trainable; keeps the routers on their skills while the experts change.
     router_skill_loss: float = 0.0
-    # What the skill routers read: own_layer (T_mean entering their own decoder layer in the model as it is) |
-    # first_moe_layer (every router reads T_mean entering the first MoSE layer, which fine-tuning cannot shift) |
-    # frozen_backbone (T_mean entering their own layer in the backbone as router pretraining saw it: a no-grad
-    # pass with the dense FFNs the MoE blocks replaced, before each forward and generation).
-    router_input: str = "own_layer"
+    # What the skill routers read (docs/routing.md has the measurements behind the default):
+    #   frozen_backbone: T_mean entering their own layer in the backbone as router pretraining saw it, from a no-grad
+    #                    pass through the dense FFNs the MoE blocks replaced, before each forward and generation
+    #                    (frozen copies of those FFNs; one more forward per training step and per prompt);
+    #   own_layer:       T_mean entering their own layer in the model as it is (fine-tuning the MoE blocks of earlier
+    #                    layers shifts it away from what the routers were pretrained on);
+    #   first_moe_layer: every router reads T_mean entering the first MoSE layer (no extra cost; nothing before
+    #                    that layer trains, but the features are shallower).
+    router_input: str = "frozen_backbone"
     # Learning rate of the skill routers when they train during SFT (0: optim.lr).
     router_lr: float = 0.0
     # While fine-tuning, each router's input standardisation follows the training batches' mean (an exponential
@@ -172,6 +179,12 @@ class SyntheticConfig:
     seed: int = 0
     image_width: int = 224
     image_height: int = 126
+    # Question family (data_recipes/synthetic.py): driving (the CODA-LM-style tasks, annotated with skills) or
+    # perception (what is where in the same scenes, no skills; the miniature's backbone preparation).
+    family: str = "driving"
+
+    def __post_init__(self) -> None:
+        _choice("data.synthetic", "family", self.family, ["driving", "perception"])
 
 
 @dataclass
@@ -356,9 +369,15 @@ class EvalConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     # Samples shown in the HTML report.
     html_samples: int = 50
+    # What picks the skill experts while generating (MoSE, expert groups): router (the model's own routing),
+    # labels (oracle routing: the samples' skill labels), shuffled (a control: each sample takes the routes of
+    # another sample of its batch, a seeded derangement: the same route frequencies, the wrong samples' skills).
+    route_source: str = "router"
+    shuffle_seed: int = 0
 
     def __post_init__(self) -> None:
         _choice("eval", "split", self.split, ["test", "val"])
+        _choice("eval", "route_source", self.route_source, ["router", "labels", "shuffled"])
 
 
 CAMERAS = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
@@ -560,15 +579,6 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
 
 def config_to_dict(cfg: ExperimentConfig) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def config_from_dict(data: dict) -> ExperimentConfig:
-    """Rebuild (and validate) a config saved by `save_config`."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"saved config: {_describe(err)}") from err
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 from mose_lightning.backbones import get_adapter
 from mose_lightning.config import ConfigError, ExperimentConfig
 from mose_lightning.moe import RouteDecision, RoutingRecord, skill_routing_loss
+from mose_lightning.moe.routing import ReferencePassComplete
 from mose_lightning.moe.view_routing import ViewMoE
 from mose_lightning.skills import SkillTaxonomy, load_taxonomy
 from mose_lightning.surgery import MoELayout, apply_moe, load_router_state, set_trainable
@@ -95,18 +96,27 @@ class MoEVisionLanguageModel(nn.Module):
         counts = [record.expert_counts(i) for i in self.layout.layer_indices] if self.layout.kind != "dense" else []
         return routes, counts
 
-    @torch.no_grad()
-    def _reference_pass(self, inputs: Mapping) -> None:
+    def _reference_pass(self, inputs: Mapping) -> Mapping:
         """With moe.router_input=frozen_backbone: run the backbone with the dense FFNs the MoE blocks replaced (no
-        gradient, no cache) and record T_mean entering every sequence-routed layer for the routers."""
+        gradient, no cache) up to the input of the last sequence-routed layer, recording T_mean entering every
+        sequence-routed layer for the routers. Returns the inputs for the pass that follows: with the images
+        encoded once for both passes, where the vision tower is frozen."""
         ctx = self.layout.context
         if not ctx.routers_read_reference:
-            return
-        ctx.reference_pass = True
-        try:
-            self.backbone(**inputs, use_cache=False)
-        finally:
-            ctx.reference_pass = False
+            return inputs
+        vision_trains = any(p.requires_grad for layer in self.adapter.vision_layers(self.backbone)
+                            for p in layer.parameters())
+        with torch.no_grad():
+            if not vision_trains:
+                inputs = self.adapter.encode_images(self.backbone, dict(inputs))
+            ctx.reference_pass = True
+            try:
+                self.adapter.inner_model(self.backbone)(**inputs, use_cache=False)
+            except ReferencePassComplete:
+                pass
+            finally:
+                ctx.reference_pass = False
+        return inputs
 
     def _view_batch(self, batch: Mapping, source: str, with_answer: bool, padding_side: str):
         """With views.enabled: the assembled backbone batch and its ViewRouting (see mose_lightning/views.py)."""
@@ -131,7 +141,7 @@ class MoEVisionLanguageModel(nn.Module):
             inputs.update({k: batch[k] for k in ("mm_encoder_outputs", "image_grid_thw")})
         labels = batch.get("labels") if with_loss else None
         record = self._begin(batch, batch.get("prompt_mask"), route_source, shuffle=shuffle)
-        self._reference_pass(inputs)
+        inputs = self._reference_pass(inputs)
         self.layout.context.recentre_momentum = moe.router_recentre_momentum if recentre_routers else 0.0
         out = self.backbone(**inputs, labels=labels, use_cache=False)
         routes, counts = self._routing(record)
@@ -180,15 +190,17 @@ class MoEVisionLanguageModel(nn.Module):
             inputs.update({k: batch[k] for k in ("mm_encoder_outputs", "image_grid_thw")})
         prompt_length = inputs["input_ids"].shape[1]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        # Without a processor (random weights of an architecture) the backbone's generation config decides.
+        special = {} if tokenizer is None else {"pad_token_id": tokenizer.pad_token_id,
+                                                "eos_token_id": tokenizer.eos_token_id}
         record = self._begin(batch, None, route_source, prompt_length, shuffle)
-        self._reference_pass(inputs)
+        inputs = self._reference_pass(inputs)
         sequences = self.backbone.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             use_cache=not reroute_every_step,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **special,
             **generate_kwargs,
         )
         routes, counts = self._routing(record)
@@ -196,14 +208,20 @@ class MoEVisionLanguageModel(nn.Module):
 
 
 def build_model(cfg: ExperimentConfig, meta: bool = False, backbone_state: Optional[Mapping] = None,
-                router_state: Optional[Mapping] = None, router_source: str = "routers") -> MoEVisionLanguageModel:
-    """Backbone + surgery + freezing for `cfg`. `meta=True`: shapes only, no weights. `backbone_state`: backbone
-    parameters (by name) to overlay before surgery (an instruction-tuned dense model); `router_state`: pretrained
-    skill routers (`routers.pt`), loaded after surgery."""
+                router_state: Optional[Mapping] = None, router_source: str = "routers",
+                random_weights_on: Optional[torch.device] = None) -> MoEVisionLanguageModel:
+    """Backbone + surgery + freezing for `cfg`. `meta=True`: shapes only, no weights. `random_weights_on`: the
+    architecture with randomly initialised weights on that device and no processor (benchmarks of a real size
+    without its weights). `backbone_state`: backbone parameters (by name) to overlay before surgery (an
+    instruction-tuned dense model); `router_state`: pretrained skill routers (`routers.pt`), loaded after surgery."""
     adapter = get_adapter(cfg.backbone.name)
     taxonomy = load_taxonomy(cfg.skills.taxonomy)
-    if meta:
+    if meta or random_weights_on is not None:
         backbone, processor = adapter.build_meta(cfg.backbone), None
+        if random_weights_on is not None:
+            with torch.device(random_weights_on):
+                backbone = type(backbone)._from_config(backbone.config, dtype=backbone.dtype,
+                                                       attn_implementation=cfg.backbone.attn_implementation)
     else:
         backbone, processor = adapter.load(cfg.backbone)
     if backbone_state is not None:

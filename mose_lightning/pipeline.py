@@ -26,7 +26,8 @@ def _is_toy(cfg: ExperimentConfig) -> bool:
 
 
 def ensure_synthetic_data(cfg: ExperimentConfig) -> None:
-    """Empty shard settings on the toy default -> the synthetic set, annotated by the rule-based annotator."""
+    """Empty shard settings on the toy default -> the synthetic set, annotated by the rule-based annotator (the
+    perception family has no skills to annotate: its raw shards are used as they are)."""
     if cfg.data.train_shards or not _is_toy(cfg):
         return
     from data_recipes.synthetic import generate_synthetic
@@ -36,8 +37,14 @@ def ensure_synthetic_data(cfg: ExperimentConfig) -> None:
     root = resolve_path(s.out_dir)
     raw, rule = root / "raw", root / "rule"
     if not all(is_complete(raw / split) for split in SPLITS):
-        print(f"[toy] generating the synthetic driving set in {raw}")
-        generate_synthetic(raw, s.num_train, s.num_val, s.num_test, s.seed, s.image_width, s.image_height)
+        print(f"[toy] generating the synthetic driving set ({s.family} questions) in {raw}")
+        generate_synthetic(raw, s.num_train, s.num_val, s.num_test, s.seed, s.image_width, s.image_height,
+                           family=s.family)
+    if s.family != "driving":
+        cfg.data.train_shards = str(raw / "train")
+        cfg.data.val_shards = cfg.data.val_shards or str(raw / "val")
+        cfg.data.test_shards = cfg.data.test_shards or str(raw / "test")
+        return
     taxonomy = load_taxonomy(cfg.skills.taxonomy)
     for split in SPLITS:
         if not is_complete(rule / split):
@@ -73,26 +80,35 @@ def ensure_synthetic_views(cfg: ExperimentConfig) -> None:
 
 
 def ensure_toy_backbone(cfg: ExperimentConfig) -> None:
-    """The toy backbone's brief dense instruction tuning, run once and cached at backbone.init_checkpoint."""
+    """The toy backbone's brief dense instruction tuning (backbone.init_config, default toy_instruct.yaml), run
+    once and cached at backbone.init_checkpoint."""
     target = cfg.backbone.init_checkpoint
     if not _is_toy(cfg) or not target or (resolve_path(target) / "weights.safetensors").is_file():
         return
     from mose_lightning.stages.sft import run_sft
 
-    instruct = load_config(TOY_INSTRUCT_CONFIG)
-    if cfg.views.enabled:
-        # A view config's data is the multi-view set; the toy learns to read the scenes (the same objects) from the
-        # single-view synthetic set, as for every other toy config.
-        instruct.data.synthetic = copy.deepcopy(cfg.data.synthetic)
+    instruct = load_config(resolve_path(cfg.backbone.init_config) if cfg.backbone.init_config else TOY_INSTRUCT_CONFIG)
+    family = instruct.data.synthetic.family
+    instruct.data = copy.deepcopy(cfg.data)
+    # The preparation is the backbone's, not the experiment's: it sees the images and all its training data, also
+    # when the experiment is a gray-image control or trains on a fraction of the data.
+    instruct.data.blank_images = False
+    instruct.data.train_limit = 0
+    if family != cfg.data.synthetic.family:
+        # Another question family of the same scenes (same sizes and seed): its own shards beside the experiment's.
+        instruct.data.synthetic.family = family
+        instruct.data.synthetic.out_dir = f"{cfg.data.synthetic.out_dir}_{family}"
+    if cfg.views.enabled or family != cfg.data.synthetic.family:
+        # A view config's shards are the multi-view set; the toy learns to read the scenes (the same objects) from
+        # the single-view synthetic set, as for every other toy config.
+        instruct.data.train_shards = instruct.data.val_shards = instruct.data.test_shards = ""
         ensure_synthetic_data(instruct)
-    else:
-        instruct.data = copy.deepcopy(cfg.data)
     instruct.backbone.toy = copy.deepcopy(cfg.backbone.toy)
     instruct.backbone.toy_dir = cfg.backbone.toy_dir
     instruct.run_dir = str(Path(target).parent)
     if Path(target).name != "model":
         raise ConfigError(f"backbone.init_checkpoint={target}: expected a path ending in /model (a run's model dir)")
-    print(f"[toy] instruction-tuning the toy backbone (dense, all weights) into {target}")
+    print(f"[toy] instruction-tuning the toy backbone (dense, all weights, {instruct.name}) into {target}")
     run_sft(instruct)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import yaml
 
@@ -38,12 +38,6 @@ class Level:
             if s.name == name:
                 return s
         raise KeyError(f"level {self.name!r} has no skill {name!r}; known: {self.skill_names}")
-
-    def skill_for_expert(self, expert: int) -> Skill:
-        for s in self.skills:
-            if s.expert == expert:
-                return s
-        raise KeyError(f"level {self.name!r} maps no skill to expert {expert}")
 
 
 @dataclass(frozen=True)
@@ -165,10 +159,3 @@ def split_evenly(num_layers: int, num_levels: int) -> List[int]:
     """Even split with later levels taking the remainder: 14 layers over 3 levels -> [4, 5, 5]."""
     base, rem = divmod(num_layers, num_levels)
     return [base + (1 if i >= num_levels - rem else 0) for i in range(num_levels)]
-
-
-def skill_dict_names(skills: Optional[Dict[str, Optional[str]]], taxonomy: SkillTaxonomy) -> str:
-    """Compact chain string, e.g. 'region_object > dynamic_agents > caution'."""
-    if not skills:
-        return "-"
-    return " > ".join(str(skills.get(lv) or GENERAL) for lv in taxonomy.level_names)

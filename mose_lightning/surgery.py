@@ -7,8 +7,8 @@ The same `moe` config section yields the four model variants of the paper's Tabl
   expert_group  MoSE blocks scaled to one image and one text expert per skill.
 
 Routing inputs travel through a `RoutingContext` shared by the blocks of one model:
-  * a forward pre-hook on the whole model records the attention mask, the image-token positions and whether the
-    forward is a cached decode step, and (when the caller did not set one) takes the prompt mask from the
+  * a forward pre-hook on the vision-language model under the LM head (every forward and decode step passes it)
+    records the attention mask, the image-token positions and whether the forward is a cached decode step, and (when the caller did not set one) takes the prompt mask from the
     attention mask: a generation prefill is all prompt;
   * a forward pre-hook on each MoSE decoder layer hands the hidden states *entering the layer* (the previous
     layer's output, T_mean in the paper) to the block's router before attention runs.
@@ -162,7 +162,8 @@ def apply_moe(
         # Every router reads T_mean entering the first MoSE layer: only MoE blocks train, so nothing before that
         # layer changes during fine-tuning, and the routers see the inputs they were pretrained on.
         ctx.router_input_layer = indices[0]
-    layout.hooks.append(_install_model_hook(model, layout, adapter.image_token_id(model)))
+    ctx.reference_last_layer = max((b.layer_index for b in layout.sequence_routed), default=None)
+    layout.hooks.append(_install_model_hook(adapter.inner_model(model), layout, adapter.image_token_id(model)))
     return layout
 
 
@@ -182,7 +183,7 @@ def convert_to_expert_groups(model: nn.Module, adapter, layout: MoELayout) -> Mo
         new_blocks.append(group)
     layout.blocks = new_blocks
     layout.kind = "expert_group"
-    layout.hooks.append(_install_model_hook(model, layout, adapter.image_token_id(model)))
+    layout.hooks.append(_install_model_hook(adapter.inner_model(model), layout, adapter.image_token_id(model)))
     return layout
 
 

@@ -218,3 +218,25 @@ def test_memory_benchmark_runs_each_variant_in_its_own_process(capsys):
     for r in res.values():
         assert r["rss_before_mib"] > 0 and r["step1_peak_rss_delta_mib"] >= 0 and len(r["losses"]) == 2
     assert all(result["checks"].values()), result["checks"]
+
+
+def test_routing_cost_benchmark_times_every_mechanism_against_the_reference(capsys):
+    from benchmarks import routing_cost
+
+    result = _tiny_json(routing_cost, capsys, "--variants", "first_moe_layer,frozen_backbone")
+    assert list(result["results"]) == ["own_layer_frozen", "first_moe_layer", "frozen_backbone"]
+    assert result["results"]["own_layer_frozen"]["step_ratio"] == 1.0
+    for r in result["results"].values():
+        assert r["step_median_s"] > 0 and r["prefill_median_s"] > 0
+
+
+def test_train_step_benchmark_compares_mose_with_dense_sft_on_random_weights(capsys):
+    from benchmarks import train_step
+
+    result = _tiny_json(train_step, capsys)
+    assert list(result["results"]) == ["dense", "mose"]  # FSDP on one device only on CUDA
+    dense, mose = result["results"]["dense"], result["results"]["mose"]
+    assert dense["moe_layers"] == [] and mose["moe_layers"] and dense["step_ratio_vs_dense"] == 1.0
+    assert mose["trainable_params"] > dense["trainable_params"] > 0
+    for r in (dense, mose):
+        assert r["tokens_per_s"] > 0 and r["seconds_per_new_token"] > 0

@@ -69,6 +69,16 @@ def _chain(routes):
     return [(r.layer, r.level, r.expert.tolist()) for r in routes]
 
 
+def _spread_routers(model, batch):
+    """Standardise every router's input with the statistics of this batch's router inputs, as router pretraining
+    does, so that decisive random routers send the samples to different experts."""
+    with torch.no_grad():
+        out = model(batch, with_loss=False) if "labels" in batch else model.generate(batch, 1)
+    for block, route in zip(model.layout.sequence_routed, out.routes):
+        block.router.set_standardisation(block.router.normalise(route.pooled))
+    return model
+
+
 def _perturb(model, seed=0, expert_std=0.05, router_std=3.0):
     """Make the skill experts differ from each other and the routers decisive, so routing changes the output."""
     gen = torch.Generator().manual_seed(seed)
@@ -103,11 +113,13 @@ def test_upcycled_model_computes_the_dense_model(make_config, kind, combine, bat
 # ---- 2. generation: cached routing reuse == re-routing every step ------------------------------------------------
 
 
+@pytest.mark.parametrize("router_input", ["own_layer", "frozen_backbone"])
 @pytest.mark.parametrize("kind", ["mose", "expert_group"])
-def test_cached_generation_matches_rerouting_every_step(make_config, gen_batch, dense_outputs, kind):
+def test_cached_generation_matches_rerouting_every_step(make_config, gen_batch, dense_outputs, kind, router_input):
     """With the KV cache, routes come from the prompt and decode steps run the slot path; re-routing every step
     runs the whole sequence through the loop kernel each time. Same tokens, same skill chain."""
-    model = _perturb(build_model(make_config(f"moe.kind={kind}")))
+    model = _perturb(build_model(make_config(f"moe.kind={kind}", f"moe.router_input={router_input}")))
+    _spread_routers(model, gen_batch)
     cached = model.generate(gen_batch, NEW_TOKENS)
     rerouted = model.generate(gen_batch, NEW_TOKENS, reroute_every_step=True)
 
@@ -125,7 +137,7 @@ def test_cached_generation_matches_rerouting_every_step(make_config, gen_batch, 
 
 def test_generation_routes_on_the_prompt_only(make_config, gen_batch):
     """The route of a generated batch equals the route of a plain forward over the same prompts."""
-    model = _perturb(build_model(make_config("moe.kind=mose")), seed=1)
+    model = _perturb(build_model(make_config("moe.kind=mose", "moe.router_input=own_layer")), seed=1)
     generated = model.generate(gen_batch, 3)
     prompt_only = {k: v for k, v in gen_batch.items() if k != "labels"}
     prompt_only["prompt_mask"] = gen_batch["attention_mask"].bool()
@@ -138,7 +150,7 @@ def test_generation_routes_on_the_prompt_only(make_config, gen_batch):
 def test_expert_usage_after_generation_is_the_prompts(make_config, gen_batch, kind):
     """What evaluation's expert-usage plot reads after a generation: every block's counts of the prompt's forward
     (prefill), not of the last decode step. MoSE counts samples per expert, the token-routed blocks tokens."""
-    model = _perturb(build_model(make_config(f"moe.kind={kind}")), seed=2)
+    model = _perturb(build_model(make_config(f"moe.kind={kind}", "moe.router_input=own_layer")), seed=2)
     prompt = model.generate(gen_batch, 1).expert_counts  # the prefill alone
     after = model.generate(gen_batch, NEW_TOKENS).expert_counts
     batch_size, prompt_len = gen_batch["input_ids"].shape
@@ -152,27 +164,35 @@ def test_expert_usage_after_generation_is_the_prompts(make_config, gen_batch, ki
 # ---- 3. teacher forcing ---------------------------------------------------------------------------------------------
 
 
-def _expected_router_choice(model, batch):
+def _expected_router_choice(model, batch, hidden_from=None):
     """Independent expectation: argmax of each MoSE router on the mean of the prompt tokens entering its layer,
-    taken from the backbone's own hidden-state outputs (hidden_states[i] is the input of decoder layer i)."""
-    inputs = model.adapter.model_inputs(batch)
-    model.layout.context.begin(batch["prompt_mask"])
+    taken from the hidden-state outputs (hidden_states[i] is the input of decoder layer i) of `hidden_from`: the
+    model's own backbone, or another model's (the dense model, for routers reading the frozen backbone)."""
+    source = hidden_from or model
+    inputs = source.adapter.model_inputs(batch)
+    source.layout.context.begin(batch["prompt_mask"])
     with torch.no_grad():
-        out = model.backbone(**inputs, use_cache=False, output_hidden_states=True)
+        out = source.backbone(**inputs, use_cache=False, output_hidden_states=True)
     expected = []
     for block in model.layout.sequence_routed:
         hidden = out.hidden_states[block.layer_index].float()
         mask = batch["prompt_mask"].float().unsqueeze(-1)
         pooled = (hidden * mask).sum(1) / mask.sum(1)
         normed = pooled / pooled.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        normed = (normed - block.router.input_shift) * block.router.input_scale
         logits = normed @ block.router.classifier.weight.float().T + block.router.classifier.bias.float()
         expected.append(logits.argmax(-1).tolist())
     return expected
 
 
+@pytest.mark.parametrize("router_input", ["own_layer", "frozen_backbone"])
 @pytest.mark.parametrize("teacher_forcing", [True, False])
-def test_routing_follows_teacher_labels_or_router(make_config, batch, teacher_forcing):
-    model = _perturb(build_model(make_config("moe.kind=mose")), seed=2)
+def test_routing_follows_teacher_labels_or_router(make_config, batch, teacher_forcing, router_input, dense):
+    """The router decides from the prompt's mean entering its layer: in the model as it is (own_layer) or in the
+    dense backbone (frozen_backbone: the experts' perturbation must not change the routing); the labels decide
+    where teacher-forced and labelled."""
+    model = _perturb(build_model(make_config("moe.kind=mose", f"moe.router_input={router_input}")), seed=2)
+    _spread_routers(model, batch)
     labels = batch["skill_labels"].clone()
     assert labels.shape == (4, 3) and (labels >= 0).all()
     labels[0] = -1  # an unannotated sample: the router decides for it even under teacher forcing
@@ -180,7 +200,7 @@ def test_routing_follows_teacher_labels_or_router(make_config, batch, teacher_fo
     with torch.no_grad():
         out = model(routed, route_source="labels" if teacher_forcing else "router")
     chain = _chain(out.routes)
-    router_choice = _expected_router_choice(model, batch)
+    router_choice = _expected_router_choice(model, batch, dense if router_input == "frozen_backbone" else None)
     assert [level for _, level, _ in chain] == ["perception", "prediction", "planning", "planning"]
     level_index = {"perception": 0, "prediction": 1, "planning": 2}
     for (_, level, expert), from_router in zip(chain, router_choice):
@@ -196,7 +216,8 @@ def test_routing_follows_teacher_labels_or_router(make_config, batch, teacher_fo
 
 def test_generation_routes_by_router_even_for_a_teacher_forced_model(make_config, gen_batch):
     """Test-time skill labels are ground truth: generation must not route by them unless asked to (oracle)."""
-    model = _perturb(build_model(make_config("moe.kind=mose", "moe.teacher_forcing=true")), seed=2)
+    model = _perturb(build_model(make_config("moe.kind=mose", "moe.teacher_forcing=true", "moe.router_input=own_layer")),
+                     seed=2)
     labels = gen_batch["skill_labels"]
     assert (labels >= 0).all()
     by_router = [e for _, _, e in _chain(model.generate(gen_batch, 2).routes)]
@@ -204,7 +225,7 @@ def test_generation_routes_by_router_even_for_a_teacher_forced_model(make_config
     level_index = {"perception": 0, "prediction": 1, "planning": 2}
     assert oracle == [labels[:, level_index[block.level_name]].tolist() for block in model.layout.sequence_routed]
     assert by_router != oracle
-    plain = _perturb(build_model(make_config("moe.kind=mose")), seed=2)
+    plain = _perturb(build_model(make_config("moe.kind=mose", "moe.router_input=own_layer")), seed=2)
     assert by_router == [e for _, _, e in _chain(plain.generate(gen_batch, 2).routes)]
 
 

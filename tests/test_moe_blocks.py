@@ -771,3 +771,36 @@ def test_cuda_grouped_mm_dispatch_matches_the_loop_kernel(kind, precision):
         assert got.dtype == want.dtype
         assert torch.isfinite(got).all()
         assert _rel_err(got, want) < 1e-2
+
+
+@pytest.mark.cuda
+@needs_sm90
+@pytest.mark.parametrize("kind", ["mose", "group", "topk"])
+def test_cuda_training_step_through_grouped_mm_makes_no_host_sync(kind):
+    """Routing, dispatch plan, grouped_mm experts and the backward stay on the device: CUDA's sync debug mode turns
+    any device-to-host synchronisation in a training step into an error."""
+    torch.manual_seed(0)
+    hidden, inter, batch, seq = 256, 512, 8, 64
+    dense_ffn = GatedFFN(hidden, inter).cuda().to(torch.bfloat16)
+    ctx = RoutingContext(image_mask=torch.rand(batch, seq, device="cuda") > 0.5)
+    if kind == "topk":
+        block = TopKMoEBlock.upcycle(dense_ffn, 4, 1, "silu", ctx, 0, dispatch="grouped_mm")
+    else:
+        block = MoSEBlock.upcycle(dense_ffn, 4, "silu", ctx, 0, "perception", 0, dispatch="grouped_mm")
+        if kind == "group":
+            block = ExpertGroupBlock.from_mose(block)
+    x = torch.randn(batch, seq, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    block(x).float().sum().backward()  # warm-up: lazy initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = block(x)
+        loss = out.float().sum()
+        if kind == "topk":
+            aux = ctx.record.aux[0]
+            loss = loss + 0.01 * aux["load_balancing"] + 0.001 * aux["z_loss"]
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(x.grad).all()

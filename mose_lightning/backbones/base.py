@@ -123,6 +123,28 @@ class BackboneAdapter:
     def vision_layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
 
+    def inner_model(self, model: nn.Module) -> nn.Module:
+        """The vision-language model under the LM head (transformers' `*ForConditionalGeneration.model`): what every
+        forward and decode step passes through, and what a pass that needs hidden states only can call."""
+        return model.model
+
+    def encode_images(self, model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, Any]:
+        """`inputs` with the images run through the vision tower once: `pixel_values` replaced by the
+        `mm_encoder_outputs` that transformers' VLM forwards (and `generate`) accept instead, so two passes over one
+        batch encode its images once. Unchanged where there are no images or the model takes no encoder outputs."""
+        import inspect
+
+        base = self.inner_model(model)
+        encode = getattr(base, "get_image_features", None)
+        forward_args = inspect.signature(base.forward).parameters
+        if inputs.get("pixel_values") is None or encode is None or "mm_encoder_outputs" not in forward_args:
+            return inputs
+        wanted = [k for k in inspect.signature(encode).parameters if k != "kwargs" and k in inputs]
+        encoded = encode(**{k: inputs[k] for k in wanted}, return_dict=True)
+        out = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        out["mm_encoder_outputs"] = {"image": encoded}
+        return out
+
     def text_config(self, model: nn.Module) -> Any:
         """The language model's config (hidden_size, intermediate_size, num_hidden_layers, hidden_act, ...)."""
         return model.config.text_config

@@ -8,7 +8,8 @@ Shards are WebDataset tar files. One record is one question-answer pair and hold
 * `0.jpg`, `1.jpg`, ...: one JPEG per camera view, in the order of the `views` list of the json member.
 * `json`: UTF-8 JSON object with at least
     - `dataset`: "coda_lm" | "drivelm" | "synthetic"
-    - `task`: coda_lm and synthetic: "general" | "regional" | "suggestion";
+    - `task`: coda_lm and synthetic: "general" | "regional" | "suggestion" (synthetic also "objects" | "locate",
+              its perception-only family);
               drivelm: "perception" | "prediction" | "planning" | "behavior" (the QA group)
     - `question`: str, the user question (without any system prompt)
     - `answer`: str, or null for unlabeled test samples
@@ -43,7 +44,8 @@ from PIL import Image
 DATASETS = ("coda_lm", "drivelm", "synthetic")
 TASKS: Dict[str, tuple] = {
     "coda_lm": ("general", "regional", "suggestion"),
-    "synthetic": ("general", "regional", "suggestion"),
+    # objects, locate: the synthetic set's perception-only question family (data_recipes/synthetic.py).
+    "synthetic": ("general", "regional", "suggestion", "objects", "locate"),
     "drivelm": ("perception", "prediction", "planning", "behavior"),
 }
 CATEGORIES = ("vehicle", "vru", "traffic_sign", "traffic_light", "traffic_cone", "barrier", "miscellaneous")

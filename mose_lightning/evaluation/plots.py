@@ -1,5 +1,5 @@
 """Analysis figures (PNG, matplotlib Agg): skill-chain frequencies, expert usage, expert weight similarity (paper
-Fig. 7) and data scaling (paper Fig. 8).
+Fig. 7, one model or several side by side), learning curves and data scaling (paper Fig. 8).
 
 Each `*_figure` function builds a figure (for TensorBoard's `add_figure`); each `plot_*` saves it atomically and
 returns the path.
@@ -148,29 +148,32 @@ def expert_weight_similarity(stacked_weights: Sequence) -> np.ndarray:
     return np.clip(unit @ unit.T, -1.0, 1.0)
 
 
-def weight_similarity_figure(matrix, labels: Sequence[str], transform: str = "none"):
-    """Heatmap of an expert similarity matrix.
+def _similarity_shown(m: np.ndarray, transform: str) -> Tuple[np.ndarray, str]:
+    if transform == "log":
+        return -np.log10(np.clip(1.0 - m, 1e-12, None)), "-log10(1 - cosine)"
+    if transform == "none":
+        return m, "cosine similarity"
+    raise ValueError(f"transform: expected 'none' or 'log', got {transform!r}")
 
-    transform="log" shows -log10(1 - cos): experts initialised as copies of one FFN stay at cos 0.999..., which a
-    linear colour scale renders as one flat colour (the paper log-transforms for the same reason).
-    """
+
+def _square(matrix, labels: Sequence[str]) -> np.ndarray:
     m = np.asarray(matrix, dtype=float)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"similarity matrix must be square, got shape {m.shape}")
     if len(labels) != m.shape[0]:
         raise ValueError(f"{len(labels)} labels for a {m.shape[0]}x{m.shape[0]} similarity matrix")
-    if transform == "log":
-        shown, cbar = -np.log10(np.clip(1.0 - m, 1e-12, None)), "-log10(1 - cosine)"
-    elif transform == "none":
-        shown, cbar = m, "cosine similarity"
-    else:
-        raise ValueError(f"transform: expected 'none' or 'log', got {transform!r}")
+    return m
+
+
+def _off_diagonal_range(shown: Sequence[np.ndarray]) -> Tuple[Optional[float], Optional[float]]:
     # The diagonal (self-similarity 1, i.e. 12 after the log) would swamp the colour range of the pairs.
-    off_diag = shown[~np.eye(m.shape[0], dtype=bool)]
-    vmin, vmax = (float(off_diag.min()), float(off_diag.max())) if off_diag.size else (None, None)
-    if vmin is not None and vmin == vmax:
-        vmin, vmax = None, None
-    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * m.shape[0], 1.0 + 0.8 * m.shape[0]))
+    values = np.concatenate([s[~np.eye(s.shape[0], dtype=bool)] for s in shown])
+    if not values.size or float(values.min()) == float(values.max()):
+        return None, None
+    return float(values.min()), float(values.max())
+
+
+def _draw_similarity(ax, m: np.ndarray, shown: np.ndarray, labels: Sequence[str], vmin, vmax):
     im = ax.imshow(shown, cmap="magma", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(m.shape[0]))
     ax.set_xticklabels(list(labels), rotation=45, ha="right", fontsize=8)
@@ -179,10 +182,82 @@ def weight_similarity_figure(matrix, labels: Sequence[str], transform: str = "no
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
             ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=7, color="grey")
+    return im
+
+
+def weight_similarity_figure(matrix, labels: Sequence[str], transform: str = "none"):
+    """Heatmap of an expert similarity matrix.
+
+    transform="log" shows -log10(1 - cos): experts initialised as copies of one FFN stay at cos 0.999..., which a
+    linear colour scale renders as one flat colour (the paper log-transforms for the same reason).
+    """
+    m = _square(matrix, labels)
+    shown, cbar = _similarity_shown(m, transform)
+    vmin, vmax = _off_diagonal_range([shown])
+    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * m.shape[0], 1.0 + 0.8 * m.shape[0]))
+    im = _draw_similarity(ax, m, shown, labels, vmin, vmax)
     fig.colorbar(im, ax=ax, label=cbar)
     ax.set_title("Expert weight similarity")
     fig.tight_layout()
     return fig
+
+
+def weight_similarity_panels_figure(panels: Mapping[str, Tuple[object, Sequence[str]]], transform: str = "log",
+                                    title: str = "Expert weight similarity, last MoE layer"):
+    """Several models' expert similarity matrices side by side on one colour scale (paper Fig. 7: MoE vs MoSE).
+    `panels`: {panel title: (matrix, expert labels)}."""
+    if not panels:
+        raise ValueError("weight similarity panels: nothing to draw")
+    items = [(name, _square(matrix, labels), labels) for name, (matrix, labels) in panels.items()]
+    shown = [_similarity_shown(m, transform) for _, m, _ in items]
+    vmin, vmax = _off_diagonal_range([s for s, _ in shown])
+    size = max(m.shape[0] for _, m, _ in items)
+    fig, axes = plt.subplots(1, len(items), figsize=(0.9 + 0.8 * size * len(items), 1.3 + 0.8 * size), squeeze=False)
+    im = None
+    for ax, (name, m, labels), (s, _) in zip(axes[0], items, shown):
+        im = _draw_similarity(ax, m, s, labels, vmin, vmax)
+        ax.set_title(name, fontsize=10)
+    fig.colorbar(im, ax=list(axes[0]), label=shown[0][1], shrink=0.8)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_weight_similarity_panels(panels: Mapping[str, Tuple[object, Sequence[str]]], path: str | os.PathLike,
+                                  transform: str = "log", title: str = "Expert weight similarity, last MoE layer") -> Path:
+    return _save(weight_similarity_panels_figure(panels, transform, title), path)
+
+
+def learning_curves_figure(curves: Mapping[str, Mapping[str, Mapping[int, Tuple[float, float]]]],
+                           metrics: Sequence[Tuple[str, str]]):
+    """One panel per metric, one line per run group: {group: {metric: {step: (mean, std)}}} with a band of
+    one std (over seeds). `metrics`: (key, axis label) pairs."""
+    if not curves:
+        raise ValueError("learning curves: nothing to plot")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics):
+        for group, by_metric in curves.items():
+            points = by_metric.get(key) or {}
+            if not points:
+                continue
+            steps = sorted(points)
+            mean = np.array([points[s][0] for s in steps], dtype=float)
+            std = np.array([points[s][1] or 0.0 for s in steps], dtype=float)
+            (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=str(group))
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+            break
+    fig.suptitle("Validation during fine-tuning (mean over seeds, band: ± std)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_learning_curves(curves, metrics: Sequence[Tuple[str, str]], path: str | os.PathLike) -> Path:
+    return _save(learning_curves_figure(curves, metrics), path)
 
 
 def plot_weight_similarity(matrix, labels: Sequence[str], path: str | os.PathLike, transform: str = "none") -> Path:

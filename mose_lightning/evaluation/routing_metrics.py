@@ -98,5 +98,18 @@ def skill_chains(routes: Sequence, taxonomy) -> List[List[Dict[str, object]]]:
              for route, experts, probs in columns] for i in range(len(columns[0][1]))]
 
 
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """A permutation of range(n) without fixed points, uniform over them, the same for the same (n, seed): which
+    sample's routes each sample takes in the shuffled-routing control. n = 1 has none: the identity."""
+    if n < 2:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    identity = torch.arange(n)
+    while True:  # about e draws on average
+        perm = torch.randperm(n, generator=generator)
+        if not bool((perm == identity).any()):
+            return perm
+
+
 def format_accuracies(values: Mapping[str, Optional[float]]) -> List[str]:
     return [f"{key} {'-' if v is None else f'{v:.3f}'}" for key, v in values.items()]

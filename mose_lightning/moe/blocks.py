@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from mose_lightning.moe.experts import Experts
-from mose_lightning.moe.routing import RouteDecision, RoutingContext, SequenceSkillRouter, TokenTopKRouter, masked_mean
+from mose_lightning.moe.routing import (
+    ReferencePassComplete, RouteDecision, RoutingContext, SequenceSkillRouter, TokenTopKRouter, masked_mean,
+)
 
 
 class _SequenceRoutedBlock(nn.Module):
@@ -55,6 +57,8 @@ class _SequenceRoutedBlock(nn.Module):
         record = self.context.record
         if self.context.reference_pass:
             record.reference_pooled[self.layer_index] = self._pooled(layer_input)
+            if self.layer_index == self.context.reference_last_layer:
+                raise ReferencePassComplete
             return None
         route = record.routes.get(self.layer_index)
         if not (self.context.decoding and route is not None and route.expert.shape[0] == layer_input.shape[0]):
@@ -226,7 +230,6 @@ class TopKMoEBlock(nn.Module):
         return out.view(batch, seq, hidden)
 
 
-MOE_BLOCKS = (MoSEBlock, ExpertGroupBlock, TopKMoEBlock)
 SEQUENCE_ROUTED = (MoSEBlock, ExpertGroupBlock)
 
 

@@ -46,7 +46,8 @@ GROUPED_MM_MIN_EXPERTS = 8
 # Inference on at most this many rows takes the slot path (a decode step has one row per sequence).
 SLOT_MAX_ROWS = 64
 # Routings of at most this many entries are planned on the host from one copy of the expert indices: for a batch
-# of sequences (MoSE) or a decode step a Python pass is cheaper than the sort and scan ops on the device.
+# of sequences (MoSE) or a decode step a Python pass is cheaper than the sort and scan ops on the device. On a GPU
+# only for inference (the slot path's layout is a host plan): training there stays free of host syncs.
 HOST_PLAN_MAX_ENTRIES = 64
 
 DISPATCHES = ("auto", "grouped_mm", "loop")
@@ -180,12 +181,9 @@ class DispatchPlan:
         index = expert_index.reshape(-1)
         # One device-to-host copy of a small routing (on a GPU each copy drains the queue): sizes, order check and
         # slot layouts are then worked out on the host.
-        host = index.tolist() if index.numel() <= HOST_PLAN_MAX_ENTRIES else None
+        small = index.numel() <= HOST_PLAN_MAX_ENTRIES
+        host = index.tolist() if small and (index.device.type == "cpu" or not torch.is_grad_enabled()) else None
         return cls(num_experts, k, index, host)
-
-    @property
-    def num_entries(self) -> int:
-        return self.index.numel()
 
     @property
     def sizes(self) -> List[int]:

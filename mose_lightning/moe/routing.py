@@ -22,6 +22,10 @@ from torch import nn
 RouteSource = Literal["router", "labels", "shuffled"]
 
 
+class ReferencePassComplete(Exception):
+    """Raised by the last sequence-routed layer in a reference pass: nothing after its input is needed."""
+
+
 @dataclass
 class RouteDecision:
     """One sequence-routed MoE layer's choice for a batch: a skill expert per sample."""
@@ -106,6 +110,8 @@ class RoutingContext:
     # whether the forward in progress is that pass (the blocks then run their frozen dense FFN and only record).
     routers_read_reference: bool = False
     reference_pass: bool = False
+    # The last sequence-routed layer: the reference pass stops once it has recorded that layer's input.
+    reference_last_layer: Optional[int] = None
     # > 0 during fine-tuning steps with moe.router_recentre_momentum: the routers' input shift follows the batches.
     recentre_momentum: float = 0.0
     # True on cached decode steps: sequence-routed blocks reuse the routes decided on the prompt.
@@ -257,8 +263,8 @@ class _TopKRouting(torch.autograd.Function):
     """Token top-k routing and its two auxiliary losses with a hand-written backward.
 
     Autograd through the plain formulas records some 20 nodes on (N, E) tensors (the linear, softmax, top-k and
-    the normalisation of the weights, the balance loss's one-hot counts and means, the z-loss's logsumexp), each a
-    few microseconds of fixed cost that, at small layer sizes, add up to a sixth of the layer's time. Their
+    the normalisation of the weights, the balance loss's one-hot counts and means, the z-loss's logsumexp), each of
+    fixed cost, which at small layer sizes is a visible part of the layer's time (benchmarks/README.md). Their
     gradients meet in d logits, which has a closed form:
       d p     = scatter of d weights / sum(top-k p) at the chosen experts  +  d balance * E * f / M   (valid rows)
       d logit = p * (d p - <d p, p>)  +  d z * 2 * lse / M * p                                        (valid rows)

@@ -20,8 +20,7 @@ class RoutingVisualisation(pl.Callback):
     """Accumulates expert usage from the steps' outputs and shows it, the skill chains of the first validation
     batch and the last layer's expert similarity in TensorBoard at every validation and at the end of training."""
 
-    def __init__(self, every_n_steps: int = 0, chains_to_show: int = 4) -> None:
-        self.every_n_steps = every_n_steps
+    def __init__(self, chains_to_show: int = 4) -> None:
         self.chains_to_show = chains_to_show
         self._chains = []
         self._usage: Optional[torch.Tensor] = None
@@ -33,7 +32,7 @@ class RoutingVisualisation(pl.Callback):
     def _add_usage(self, outputs) -> None:
         counts = [c for c in (outputs or {}).get("expert_counts") or [] if c is not None]
         if counts and len({c.numel() for c in counts}) == 1:
-            usage = torch.stack([c.float().cpu() for c in counts])
+            usage = torch.stack([c.float() for c in counts])  # summed on the device: no sync per step
             self._usage = usage if self._usage is None else self._usage + usage
 
     def _emit(self, trainer: pl.Trainer, module) -> None:
@@ -42,6 +41,7 @@ class RoutingVisualisation(pl.Callback):
         usage, self._usage = self._usage, None
         if writer is None or not trainer.is_global_zero:
             return
+        usage = None if usage is None else usage.cpu()
         step = trainer.global_step
         if usage is not None:
             labels = [f"L{i}" for i in module.model.layout.layer_indices][: usage.shape[0]]
@@ -75,8 +75,6 @@ class RoutingVisualisation(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._add_usage(outputs)
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._emit(trainer, module)
 
     def on_train_end(self, trainer, module) -> None:
         self._emit(trainer, module)

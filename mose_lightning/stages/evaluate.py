@@ -24,7 +24,7 @@ from mose_lightning.config import ConfigError, ExperimentConfig
 from mose_lightning.data.datamodule import DriveDataModule
 from mose_lightning.evaluation.local_metrics import local_scores
 from mose_lightning.evaluation.report import write_results
-from mose_lightning.evaluation.routing_metrics import routing_scores, skill_chains
+from mose_lightning.evaluation.routing_metrics import derangement, routing_scores, skill_chains
 from mose_lightning.io import atomic_write_json, atomic_write_text
 from mose_lightning.params import parameter_report
 from mose_lightning.training import apply_threads, devices_arg, is_global_zero, precision_and_plugins, run_dir_for
@@ -44,7 +44,11 @@ class GenerationModule(pl.LightningModule):
         self.cfg = cfg
 
     def predict_step(self, batch: Dict[str, Any], batch_idx: int):
-        generated = self.model.generate(batch, self.cfg.eval.max_new_tokens)
+        source = self.cfg.eval.route_source
+        # A seed per batch, so the shuffled control is the same however the batches are spread over ranks.
+        shuffle = (derangement(len(batch["meta"]), self.cfg.eval.shuffle_seed * 1_000_003 + batch_idx)
+                   if source == "shuffled" else None)
+        generated = self.model.generate(batch, self.cfg.eval.max_new_tokens, route_source=source, shuffle=shuffle)
         texts = decode_new_tokens(self.model, generated.tokens)
         chains = skill_chains(generated.routes, self.model.taxonomy)
         views = view_records(generated.views, batch["meta"], self.cfg.views) if generated.views is not None else None
@@ -205,7 +209,7 @@ def run_meta(model, cfg: ExperimentConfig, records: List[Dict[str, Any]]) -> Dic
         "name": cfg.name, "moe_kind": cfg.moe.kind, "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
         "activated_params": counts["activated"], "total_params": counts["total"], "seed": cfg.seed,
         "dataset": sorted({r["dataset"] for r in records}), "split": cfg.eval.split, "n_samples": len(records),
-        "router_pretrain_accuracy": router_pretrain_accuracy(model),
+        "router_pretrain_accuracy": router_pretrain_accuracy(model), "route_source": cfg.eval.route_source,
         **({"views": {"names": cfg.views.names, "kept": cfg.views.kept, "top_k": cfg.views.top_k,
                       "fallback": cfg.views.fallback, "eval_mode": cfg.views.eval_mode}} if cfg.views.enabled else {}),
     }
