@@ -120,7 +120,7 @@ class ViewEncoder:
         pixels = torch.cat([self.items[b]["pixel_values"][s:e] for b, v in pairs for _, s, e in [self.slices[b][v]]])
         grid = torch.stack([self.grid(b, v) for b, v in pairs])
         with torch.set_grad_enabled(self.grad):
-            feats = self.model.adapter.encode_images(self.model.backbone, pixels, grid)
+            feats = self.model.adapter.image_tokens_per_image(self.model.backbone, pixels, grid)
         self.encoded += len(pairs)
         return dict(zip(pairs, feats))
 

@@ -284,7 +284,7 @@ def test_only_the_chosen_views_reach_the_vision_tower(toy_dir, views_data):
     reference = {}
     for item in batch["view_items"][:1]:
         spy = VisionSpy(model)
-        model.adapter.encode_images(model.backbone, item["pixel_values"], item["grid_thw"])
+        model.adapter.image_tokens_per_image(model.backbone, item["pixel_values"], item["grid_thw"])
         spy.handle.remove()
         reference = dict(zip(spy.means, [model.views.names[v] for v in item["view_index"].tolist()]))
     classes = model.views.classes

@@ -195,7 +195,8 @@ class BackboneAdapter:
         raise NotImplementedError
 
     # ---- camera-view routing (mose_lightning/views.py): images encoded on their own, prompts assembled per batch --
-    def encode_images(self, model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def image_tokens_per_image(self, model: nn.Module, pixel_values: torch.Tensor,
+                               grid_thw: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """The language-model input tokens of each image, (tokens_i, hidden) per image, from the vision tower."""
         raise BackboneError(f"backbone {self.name!r}: camera-view routing (views.enabled) is not supported; "
                             "use backbone.name=qwen2_vl or toy")

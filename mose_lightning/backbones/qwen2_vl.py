@@ -110,7 +110,8 @@ class Qwen2VLAdapter(BackboneAdapter):
         return prompt, prompt + answer.lstrip() + END_OF_TURN
 
     # ---- camera-view routing ----------------------------------------------------------------------------------
-    def encode_images(self, model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def image_tokens_per_image(self, model: nn.Module, pixel_values: torch.Tensor,
+                               grid_thw: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         return tuple(model.model.get_image_features(pixel_values, grid_thw).pooler_output)
 
     def view_prompt_pieces(self, processor: Any, question: str, system: Optional[str] = None,
