@@ -931,8 +931,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> ConversionReport:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     held = max(1, args.num // 8)
+    if args.multiview and args.family != "driving":
+        parser.error("--family chooses the questions of the single-view set; the multi-view variant has its own")
     if args.multiview:
         report = generate_synthetic_multiview(
             args.out, args.num, held if args.num_val is None else args.num_val,
