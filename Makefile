@@ -10,7 +10,7 @@ CONFIG      ?= configs/experiment/toy_mose.yaml
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-quality test-gpu gpu-check demo pretrain-router sft expert-group eval plan plan-compare bench bench-gpu reproduce-toy clean
+.PHONY: install test test-quality test-gpu gpu-check demo pretrain-router pretrain-view-router sft expert-group eval plan plan-compare bench bench-gpu reproduce-toy clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ demo: install
 
 pretrain-router: install
 	$(VENV)/bin/mose pretrain-router --config $(CONFIG) $(ARGS)
+
+# The view router on cached vision features (a config with views.enabled; default the toy view config).
+VIEW_CONFIG = $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/experiment/toy_view_moe.yaml)
+
+pretrain-view-router: install
+	$(VENV)/bin/mose pretrain-view-router --config $(VIEW_CONFIG) $(ARGS)
 
 sft: install
 	$(VENV)/bin/mose sft --config $(CONFIG) $(ARGS)

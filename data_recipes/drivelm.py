@@ -19,7 +19,8 @@ Views (`views=`):
 
 Object tags in questions (`<c1,CAM_BACK,1088.3,497.5>`) stay in the text; they are also parsed into
 `source.tags`, and the frame's `key_object_infos` are kept in `source` for the match metric and the annotator.
-`region`, `category` and `skills` are null.
+`region`, `category` and `skills` are null. `view_labels` (the views a question needs) are derived from the QA text
+by data_recipes/view_labels.py; the manifest and the printed report count them.
 
 Holdout (`holdout=K`): the key frames (never single QAs, so no frame is on both sides) are shuffled with `seed`
 and round(n/K) of them go to OUT/test, the rest to OUT/train (MoSE holds out 1/6 of the training file); without
@@ -52,6 +53,7 @@ from data_recipes.common import (
     parse_size,
     progress,
 )
+from data_recipes.view_labels import ViewLabelCounts, label_sample
 from mose_lightning.data.sample import Sample, encode_jpeg, make_key
 from mose_lightning.data.shards import ShardWriter, prepare_output_dirs
 from mose_lightning.locks import holds_lock
@@ -217,6 +219,7 @@ def convert_drivelm(
     prepare_output_dirs(list(dirs.values()), overwrite=overwrite)
     writers = {name: ShardWriter(path, prefix=name or "drivelm", maxcount=maxcount) for name, path in dirs.items()}
     frames_of = {name: [] for name in dirs}
+    view_counts = {name: ViewLabelCounts() for name in dirs}
     try:
         for scene_token, frame_token, frame, description in progress(frames, desc="DriveLM frames", enabled=show_progress):
             split = ("test" if frame_token in test_frames else "train") if holdout else ""
@@ -227,6 +230,7 @@ def convert_drivelm(
                 frames_of[split].append(frame_token)
             for sample in samples:
                 sample.source["split"] = split or None
+                label_sample(sample, view_counts[split])
                 writers[split].write(sample)
         if not allow_empty and not any(w.num_samples for w in writers.values()):
             raise BadInputError(f"{json_file}: no QA sample to write ({len(frames)} key frames, "
@@ -244,13 +248,17 @@ def convert_drivelm(
         }
         counts = {}
         for name, writer in writers.items():  # manifests last, once every split's shards are on disk
-            manifest = writer.commit({**common, "split": name or None, "frames": sorted(frames_of[name])})
+            manifest = writer.commit({**common, "split": name or None, "frames": sorted(frames_of[name]),
+                                      "view_labels": view_counts[name].to_dict(),
+                                      "view_label_sets": view_counts[name].label_sets_manifest()})
             counts[name] = manifest["tasks"]
     except BaseException:
         for writer in writers.values():
             writer.abort()
         raise
     report = ConversionReport(str(out_dir), counts, bad.entries)
+    for name, view_count in view_counts.items():
+        report.extra[f"view labels{' (' + name + ')' if name else ''}"] = view_count.summary()
     if holdout:
         report.extra["frames"] = {name: len(v) for name, v in frames_of.items()}
     return report

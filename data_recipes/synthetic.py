@@ -914,6 +914,223 @@ def generate_synthetic(
     return ConversionReport(str(out_dir), counts, [])
 
 
+# --- multi-view variant (camera-view routing) ---------------------------------------------------------------
+#
+# Six cameras around the ego car (or a subset, CAM_FRONT always among them), each image the road scene above with
+# at most one object, drawn near and large. Every question depends on exactly one camera, known by construction
+# and stored as the sample's `view_labels`; the other cameras hold independent objects, so a model shown the
+# wrong camera gives a wrong answer. Three question types:
+#   look     (task general)     "What is to the back left of the ego car?" -> the object in that camera, or
+#                                nothing; the camera is named by the question's direction words
+#   command  (task suggestion)  "The ego car is about to change to the left lane. What should it do?" with the
+#                                navigation command in `command`: turn left -> CAM_FRONT_LEFT, turn right ->
+#                                CAM_FRONT_RIGHT, change to the left / right lane -> CAM_BACK_LEFT / CAM_BACK_RIGHT,
+#                                reverse -> CAM_BACK, go straight -> CAM_FRONT; the answer waits for a road user
+#                                there, refuses a blocked way, or goes
+#   sign     (task suggestion)  "Follow the detour sign ahead. What should the ego car do?": the front camera shows
+#                                a detour sign whose arrow points left (blue board) or right (orange board), and
+#                                the answer depends on CAM_FRONT_LEFT or CAM_FRONT_RIGHT: a question only the front
+#                                view's pixels can route. The boards differ in colour as well as arrow because a
+#                                router pooling visual tokens by attention sees what the tokens are, not where
+#                                they are.
+# Questions about CAM_FRONT need no other view. Deterministic: random.Random("synthetic-views:<seed>:<split>:<i>").
+
+MULTIVIEW_CAMERAS = ("CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
+DIRECTION_PHRASES = {
+    "CAM_FRONT": "in front of", "CAM_FRONT_LEFT": "to the front left of", "CAM_FRONT_RIGHT": "to the front right of",
+    "CAM_BACK": "behind", "CAM_BACK_LEFT": "to the back left of", "CAM_BACK_RIGHT": "to the back right of",
+}
+WHERE_WORDS = {"CAM_FRONT": "ahead", "CAM_FRONT_LEFT": "on the front left", "CAM_FRONT_RIGHT": "on the front right",
+               "CAM_BACK": "behind", "CAM_BACK_LEFT": "on the back left", "CAM_BACK_RIGHT": "on the back right"}
+# command -> (camera it needs, how the answer says it)
+COMMANDS = {
+    "turn left": ("CAM_FRONT_LEFT", "turn left"),
+    "turn right": ("CAM_FRONT_RIGHT", "turn right"),
+    "change to the left lane": ("CAM_BACK_LEFT", "change to the left lane"),
+    "change to the right lane": ("CAM_BACK_RIGHT", "change to the right lane"),
+    "reverse": ("CAM_BACK", "reverse"),
+    "go straight": ("CAM_FRONT", "go straight"),
+}
+MULTIVIEW_QUESTION_MIX = (("look", 0.45), ("command", 0.35), ("sign", 0.20))
+# Objects a camera may hold: (kind, role that draws it, has colour, moves); None = empty view (30%).
+_VIEW_OBJECTS = (("car", "slow_car_ahead", True, True), ("truck", "slow_car_ahead", True, True),
+                 ("pedestrian", "ped_crossing", False, True), ("cyclist", "cyclist_ahead", False, True),
+                 ("traffic cones", "cones_block", False, False), ("barrier", "barrier_block", False, False))
+P_EMPTY_VIEW = 0.3
+SIGN_COLORS = {"left": (30, 80, 220), "right": (255, 140, 0)}
+
+
+def _view_object(rng: random.Random) -> Optional[Obj]:
+    if rng.random() < P_EMPTY_VIEW:
+        return None
+    kind, role, coloured, _ = rng.choice(_VIEW_OBJECTS)
+    obj = Obj(role=ROLES[role], lane=0, distance="near", kind=kind, motion="static")
+    if coloured:
+        obj.color = rng.choice(sorted(VEHICLE_COLORS))
+    return obj
+
+
+def view_object_phrase(obj: Optional[Obj]) -> str:
+    if obj is None:
+        return "nothing"
+    if obj.kind in ("traffic cones",):
+        return obj.kind
+    return f"a {obj.color + ' ' if obj.color else ''}{obj.kind}"
+
+
+def _moves(obj: Obj) -> bool:
+    return next(moves for kind, _, _, moves in _VIEW_OBJECTS if kind == obj.kind)
+
+
+def _draw_detour_sign(img: Image.Image, side: str) -> None:
+    """A square board with a white arrow, upper middle of the image, covering several 28x28 token cells."""
+    d = ImageDraw.Draw(img)
+    w, h = img.size
+    size = 0.42 * h
+    x0, y0 = w / 2 - size / 2, 0.04 * h
+    d.rectangle([x0, y0, x0 + size, y0 + size], fill=SIGN_COLORS[side], outline=(250, 250, 250), width=2)
+    cy, m = y0 + size / 2, 0.16 * size
+    tip, tail = (x0 + m, x0 + size - m) if side == "left" else (x0 + size - m, x0 + m)
+    head = 0.32 * size * (1 if side == "left" else -1)
+    d.line([(tail, cy), (tip, cy)], fill=(255, 255, 255), width=max(2, round(size / 9)))
+    d.polygon([(tip, cy), (tip + head, cy - 0.22 * size), (tip + head, cy + 0.22 * size)], fill=(255, 255, 255))
+
+
+def _command_answer(command: str, camera: str, obj: Optional[Obj]) -> Tuple[str, Dict[str, str]]:
+    action = COMMANDS[command][1]
+    where = WHERE_WORDS[camera]
+    if obj is None:
+        return f"{_cap(action)} now, the way is clear.", {"perception": "general", "prediction": "general",
+                                                          "planning": "manoeuvre" if camera != "CAM_FRONT" else "general"}
+    if _moves(obj):
+        name = obj.kind
+        return (f"Wait for the {name} {where}, then {action}.",
+                {"perception": "general", "prediction": "dynamic_agents", "planning": "stop_or_yield"})
+    return (f"Do not {action}: {view_object_phrase(obj)} {'block' if obj.kind == 'traffic cones' else 'blocks'} the way {where}.",
+            {"perception": "general", "prediction": "static_hazards", "planning": "caution"})
+
+
+def make_multiview_sample(split: str, index: int, seed: int, width: int = 224, height: int = 126,
+                          cameras: Sequence[str] = MULTIVIEW_CAMERAS) -> Sample:
+    cameras = list(cameras)
+    rng = random.Random(f"synthetic-views:{seed}:{split}:{index}")
+    kinds = [name for name, _ in MULTIVIEW_QUESTION_MIX]
+    weights = [w for _, w in MULTIVIEW_QUESTION_MIX]
+    commands = [c for c, (cam, _) in COMMANDS.items() if cam in cameras]
+    can_sign = "CAM_FRONT_LEFT" in cameras and "CAM_FRONT_RIGHT" in cameras
+    kind = rng.choices(kinds, weights=[w if (k != "sign" or can_sign) else 0.0 for k, w in zip(kinds, weights)])[0]
+    objects = {cam: _view_object(rng) for cam in cameras}
+    command = sign = None
+    if kind == "look":
+        camera = rng.choice(cameras)
+        phrase_ = DIRECTION_PHRASES[camera]
+        question = f"What is {phrase_} the ego car?"
+        obj = objects[camera]
+        answer = (f"{_cap(view_object_phrase(obj))} {'are' if obj is not None and obj.kind == 'traffic cones' else 'is'} "
+                  f"{phrase_} the ego car.") if obj is not None else f"Nothing is {phrase_} the ego car."
+        skills = {"perception": "scene_key_objects", "prediction": "general", "planning": "general"}
+        task = "general"
+    elif kind == "command":
+        command = rng.choice(commands)
+        camera = COMMANDS[command][0]
+        question = f"The ego car is about to {command}. What should it do?"
+        answer, skills = _command_answer(command, camera, objects[camera])
+        task = "suggestion"
+    else:
+        sign = rng.choice(("left", "right"))
+        camera = "CAM_FRONT_LEFT" if sign == "left" else "CAM_FRONT_RIGHT"
+        question = "Follow the detour sign ahead. What should the ego car do?"
+        text, skills = _command_answer(f"turn {sign}", camera, objects[camera])
+        answer = f"The sign points {sign}. {text}"
+        skills = {**skills, "perception": "traffic_control"}
+        task = "suggestion"
+    images = []
+    for cam in cameras:
+        view_scene = Scene(keys=[objects[cam]] if objects[cam] is not None else [])
+        img = render_scene(view_scene, width, height, rng)
+        if cam == "CAM_FRONT" and sign is not None:
+            _draw_detour_sign(img, sign)
+        images.append(encode_jpeg(img, JPEG_QUALITY))
+    return Sample(
+        key=make_key("synthetic_views", split, f"{index:06d}"),
+        dataset="synthetic",
+        task=task,
+        question=question,
+        answer=answer,
+        views=cameras,
+        images=images,
+        skills=skills,
+        view_labels=[camera],
+        command=command,
+        source={
+            "generator": "data_recipes.synthetic", "variant": "multiview", "seed": seed, "split": split,
+            "index": index, "question_type": kind, "needed_view": camera, "sign": sign,
+            "objects": {cam: (o.describe() if o is not None else None) for cam, o in objects.items()},
+        },
+    )
+
+
+def generate_synthetic_multiview(
+    out_dir: str | os.PathLike,
+    num_train: int = 1200,
+    num_val: int = 150,
+    num_test: int = 150,
+    seed: int = 0,
+    width: int = 224,
+    height: int = 126,
+    cameras: Sequence[str] = MULTIVIEW_CAMERAS,
+    *,
+    overwrite: bool = False,
+    maxcount: int = 1000,
+    show_progress: Optional[bool] = None,
+) -> ConversionReport:
+    """Write OUT/train, OUT/val, OUT/test of the multi-view variant; manifests count view labels and question types."""
+    cameras = list(cameras)
+    unknown = [c for c in cameras if c not in MULTIVIEW_CAMERAS]
+    if unknown or "CAM_FRONT" not in cameras or len(set(cameras)) != len(cameras) or len(cameras) < 2:
+        raise ValueError(f"synthetic multiview: cameras must be distinct names of {list(MULTIVIEW_CAMERAS)}, "
+                         f"CAM_FRONT and at least one other among them, got {cameras}")
+    for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
+        if value < 0:
+            raise ValueError(f"synthetic multiview: {name} must be >= 0, got {value}")
+    if width < 64 or height < 36:
+        raise ValueError(f"synthetic multiview: image size must be at least 64x36, got {width}x{height}")
+    out_dir = Path(out_dir)
+    sizes = dict(zip(SPLIT_NAMES, (num_train, num_val, num_test)))
+    dirs = {split: out_dir / split for split in SPLIT_NAMES}
+    prepare_output_dirs(list(dirs.values()), overwrite=overwrite)
+    writers = {split: ShardWriter(path, prefix=split, maxcount=maxcount) for split, path in dirs.items()}
+    stats = {split: {"view_labels": Counter(), "question_types": Counter(), "sets": Counter()} for split in SPLIT_NAMES}
+    try:
+        for split in SPLIT_NAMES:
+            for i in progress(range(sizes[split]), desc=f"synthetic multiview {split}", enabled=show_progress):
+                sample = make_multiview_sample(split, i, seed, width, height, cameras)
+                writers[split].write(sample)
+                stats[split]["view_labels"].update(sample.view_labels)
+                stats[split]["sets"]["|".join(sample.view_labels)] += 1
+                stats[split]["question_types"][sample.source["question_type"]] += 1
+        for writer in writers.values():
+            writer.close()
+        counts = {}
+        for split, writer in writers.items():
+            manifest = writer.commit({
+                "dataset": "synthetic", "variant": "multiview", "split": split, "seed": seed,
+                "image_size": [width, height], "cameras": cameras,
+                "view_labels": dict(sorted(stats[split]["view_labels"].items())),
+                "question_types": dict(sorted(stats[split]["question_types"].items())),
+                "view_label_sets": {"views": cameras, "sets": dict(sorted(stats[split]["sets"].items()))},
+                "num_skipped_entries": 0, "skipped": [],
+            })
+            counts[split] = manifest["tasks"]
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    report = ConversionReport(str(out_dir), counts, [])
+    report.extra["view labels (train)"] = dict(sorted(stats["train"]["view_labels"].items()))
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mose data synthetic", description="Generate the synthetic driving VQA set.")
     p.add_argument("--out", required=True)
@@ -930,12 +1147,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", default=None, help="force the progress bar on")
     p.add_argument("--trajectories", action="store_true",
                    help="add future ego waypoints, ego state, command, scenario and obstacles (`planning`)")
+    p.add_argument("--multiview", action="store_true", help="the multi-view variant (camera-view routing)")
+    p.add_argument("--cameras", default=",".join(MULTIVIEW_CAMERAS),
+                   help="multi-view variant: comma-separated cameras (CAM_FRONT and at least one other)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> ConversionReport:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     held = max(1, args.num // 8)
+    if args.multiview and args.family != "driving":
+        parser.error("--family chooses the questions of the single-view set; the multi-view variant has its own")
+    if args.multiview:
+        report = generate_synthetic_multiview(
+            args.out, args.num, held if args.num_val is None else args.num_val,
+            held if args.num_test is None else args.num_test, args.seed, args.width, args.height,
+            [c for c in args.cameras.split(",") if c], overwrite=args.overwrite, maxcount=args.maxcount,
+            show_progress=args.progress,
+        )
+        print(report.summary())
+        return report
     report = generate_synthetic(
         args.out, args.num, held if args.num_val is None else args.num_val, held if args.num_test is None else args.num_test,
         args.seed, args.width, args.height, overwrite=args.overwrite, maxcount=args.maxcount, show_progress=args.progress,

@@ -26,12 +26,16 @@ from mose_lightning.config import ConfigError, ExperimentConfig, config_to_dict,
 from mose_lightning.io import apply_umask, temp_dir
 
 WEIGHTS = "weights.safetensors"
+# The view router and view embeddings of a model with views.enabled (they live beside the backbone).
+VIEW_WEIGHTS = "views.safetensors"
 META = "model.json"
 # 2: the shared expert lives in the MoE block's experts module (`mlp.experts.shared.*`, was `mlp.shared.*`) and
 # skill routers store their input standardisation (`input_shift`, `input_scale`; folded into the classifier in 1).
 FORMAT = 2
 # Config sections that define the architecture: a checkpoint only loads into a model built the same way.
-MODEL_DEFINING = ("backbone", "moe", "skills")
+MODEL_DEFINING = ("backbone", "moe", "skills", "views")
+# The keys of `views` that define the architecture (the rest says how it trains and evaluates).
+VIEW_DEFINING = ("enabled", "names", "kept", "fallback", "marker", "commands", "router_heads", "router_hidden")
 
 
 # Module wrappers that FSDP and activation checkpointing insert into parameter names; state dicts leave them out.
@@ -111,6 +115,9 @@ def save_model(model, directory: str | os.PathLike, full_state: Optional[Dict[st
     try:
         state = _saved_state(model, full_state)
         save_file(state, str(tmp / WEIGHTS))
+        if getattr(model, "views", None) is not None:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in model.views.state_dict().items()},
+                      str(tmp / VIEW_WEIGHTS))
         save_config(model.cfg, tmp)
         meta = {
             "format": FORMAT,
@@ -163,6 +170,7 @@ def check_compatible(saved: ExperimentConfig, expected: ExperimentConfig, source
         d["moe"].pop("router_trainable", None)
         d["moe"].pop("teacher_forcing", None)
         d["moe"].pop("extra_trainable", None)
+        d["views"] = {k: v for k, v in d.get("views", {}).items() if k in VIEW_DEFINING}
     diffs = []
     for section in MODEL_DEFINING:
         diffs.extend(_differences(saved_d[section], expected_d[section], f"{section}."))
@@ -202,7 +210,26 @@ def model_from_config(cfg: ExperimentConfig, load_routers: bool = True):
         if not path.is_file():
             raise ConfigError(f"moe.router_checkpoint: no file at {cfg.moe.router_checkpoint}")
         router_state, source = torch.load(path, map_location="cpu", weights_only=True), str(path)
-    return build_model(cfg, backbone_state=backbone_state, router_state=router_state, router_source=source)
+    model = build_model(cfg, backbone_state=backbone_state, router_state=router_state, router_source=source)
+    if cfg.views.enabled and cfg.views.router_checkpoint and load_routers:
+        load_view_router(model, cfg.views.router_checkpoint)
+    return model
+
+
+def load_view_router(model, path: str | os.PathLike) -> None:
+    """A view-router pretraining output (view_router.pt: the router's state and the class weights it trained
+    with) into `model.views`; the classes must be the model's."""
+    file = resolve_path(path)
+    if not file.is_file():
+        raise ConfigError(f"views.router_checkpoint: no file at {path}")
+    data = torch.load(file, map_location="cpu", weights_only=True)
+    if list(data.get("classes", [])) != model.views.classes:
+        raise ConfigError(f"views.router_checkpoint={path}: trained for the classes {data.get('classes')}, the model "
+                          f"routes over {model.views.classes}")
+    from mose_lightning.model import load_state_into
+
+    load_state_into(model.views.router, data["router"], "views.router_checkpoint")
+    model.views.class_alpha.copy_(data["class_alpha"])
 
 
 def load_model(path: str | os.PathLike, expected: Optional[ExperimentConfig] = None, overrides=()):
@@ -222,6 +249,10 @@ def load_model(path: str | os.PathLike, expected: Optional[ExperimentConfig] = N
     meta = json.loads((directory / META).read_text())
     state = _upgrade(load_file(str(directory / WEIGHTS)), int(meta.get("format", 1)), model)
     load_state_into(model.backbone, state, str(directory))
+    if model.views is not None:
+        if not (directory / VIEW_WEIGHTS).is_file():
+            raise ConfigError(f"{directory}: views.enabled but no {VIEW_WEIGHTS} (the view router was not saved)")
+        load_state_into(model.views, load_file(str(directory / VIEW_WEIGHTS)), str(directory / VIEW_WEIGHTS))
     fingerprints = (backbone_fingerprint(model), backbone_fingerprint(model, bf16=False))
     if meta.get("backbone_fingerprint") not in fingerprints:
         raise ConfigError(

@@ -4,6 +4,7 @@
   mose data coda-lm|drivelm|synthetic ...      dataset converters (data_recipes/)
   mose skills annotate --shards S --out DIR --annotator rule|gpt
   mose pretrain-router | sft | expert-group | eval | plan | plan-eval --config F [key=value ...]
+  mose pretrain-view-router --config F [key=value ...]   view router on cached vision features (views.enabled)
   mose predict --checkpoint DIR --image IMG [--image IMG2] --question "..." [--box x,y,w,h]
   mose report RUN_DIR [RUN_DIR ...]
   mose demo [--config F] [key=value ...]
@@ -38,6 +39,7 @@ STAGE_RUNNERS = {
     "eval": ("eval", "mose_lightning.stages.evaluate", "run_eval"),
     "plan": ("plan", "mose_lightning.stages.plan", "run_plan"),
     "plan-eval": ("plan_eval", "mose_lightning.stages.plan", "run_plan_eval"),
+    "pretrain-view-router": ("pretrain_view_router", "mose_lightning.stages.view_pretrain", "run_view_pretrain"),
 }
 STAGES = tuple(STAGE_RUNNERS)
 _TOY_MOSE = Path(__file__).resolve().parent.parent / "configs" / "experiment" / "toy_mose.yaml"
@@ -164,8 +166,12 @@ def _cmd_predict(args) -> None:
     box = [float(v) for v in args.box.split(",")] if args.box else None
     if box is not None and len(box) != 4:
         raise ConfigError(f"--box: expected x,y,w,h, got {args.box!r}")
-    answer, chain = predict_one(args.checkpoint, args.image, args.question, box, args.max_new_tokens)
+    views: dict = {}
+    answer, chain = predict_one(args.checkpoint, args.image, args.question, box, args.max_new_tokens, views)
     print(f"answer: {answer}")
+    if views:
+        print(f"views shown: {', '.join(views['shown'])}")
+        print("view router: " + ", ".join(f"{name} {p:.2f}" for name, p in views["choice"]))
     print("skill chain:")
     for step in chain:
         print(f"  layer {step['layer']:>2}  {step['level']:<11} {step['skill']:<20} p={step['prob']:.2f}")

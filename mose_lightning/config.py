@@ -571,6 +571,123 @@ class PlanConfig:
             raise ConfigError("plan.cache_features: cached hidden states need a frozen VLM; got plan.train_vlm=true")
 
 
+CAMERAS = ["CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
+VIEW_NONE = "NONE"
+
+
+@dataclass
+class ViewPretrainConfig:
+    """The view router's pretraining on cached router inputs (one vision pass per sample, then epochs on the cache)."""
+
+    epochs: int = 100
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    # Fraction of the training samples held out when there are no val_shards (0: 0.1).
+    holdout_fraction: float = 0.0
+    cache_dir: str = "artifacts/view_router_cache"
+
+
+@dataclass
+class ViewSyntheticConfig:
+    """The multi-view synthetic set the toy view configs create when it is missing (data_recipes/synthetic.py)."""
+
+    out_dir: str = "artifacts/data/synthetic_views"
+    num_train: int = 1200
+    num_val: int = 150
+    num_test: int = 150
+    seed: int = 0
+    image_width: int = 224
+    image_height: int = 126
+
+
+@dataclass
+class ViewsConfig:
+    """Camera-view routing (DriveMoE's Scene-Specialized Vision MoE): the `kept` views are always encoded; a router
+    reading their visual tokens and the question picks `top_k` of the other views, and only those are encoded and
+    placed in the prompt. See mose_lightning/moe/view_routing.py."""
+
+    enabled: bool = False
+    # Every view the model knows, in prompt order; a sample may lack some candidates (they are never chosen).
+    names: List[str] = field(default_factory=lambda: list(CAMERAS))
+    # Always in the prompt; the router reads their tokens. The other names are the candidates.
+    kept: List[str] = field(default_factory=lambda: ["CAM_FRONT"])
+    top_k: int = 1
+    # What a question that names no candidate view needs: NONE (the kept views only: the router has a class for
+    # "no extra view") or a candidate view name (DriveMoE: CAM_BACK, every sample then shows top_k views).
+    fallback: str = VIEW_NONE
+    # How the prompt tells the views apart: embedding (a learned vector added to a candidate view's tokens,
+    # zero at start) | name (the camera name as text before each image) | both | none.
+    marker: str = "embedding"
+    # Which candidates a training forward shows: teacher_forcing (the labelled ones; DriveMoE stage 1) | gumbel
+    # (every candidate encoded, hard Gumbel-softmax top-k with straight-through gradients; stage 2) | router
+    # (the router's top-k, no gradient through the choice).
+    train_mode: str = "teacher_forcing"
+    # What evaluation shows: routed (the router's top-k, only those encoded) | all | kept | labels (oracle).
+    eval_mode: str = "routed"
+    # Teacher forcing: each other available candidate is also shown with this probability, so the language model
+    # learns to find the view that matters among several (and all-views prompts stay in its training distribution).
+    extra_view_prob: float = 0.0
+    # Weight of the router's focal loss in the model's aux_loss, on samples with view labels (0: off).
+    loss_coef: float = 1.0
+    focal_gamma: float = 2.0
+    # Focal loss alpha: inverse_frequency (of the training set's labels, DriveMoE) | uniform.
+    class_weights: str = "inverse_frequency"
+    gumbel_tau: float = 1.0
+    router_heads: int = 8
+    # Width of the router's MLP head (0: hidden_size // 2, as DriveMoE).
+    router_hidden: int = 0
+    router_dropout: float = 0.1
+    router_trainable: bool = True
+    # A view-router pretraining output (view_router.pt) loaded before fine-tuning.
+    router_checkpoint: Optional[str] = None
+    # Navigation commands the samples may carry (sample field `command`); each gets a learned context vector.
+    commands: List[str] = field(default_factory=list)
+    pretrain: ViewPretrainConfig = field(default_factory=ViewPretrainConfig)
+    synthetic: ViewSyntheticConfig = field(default_factory=ViewSyntheticConfig)
+
+    @property
+    def candidates(self) -> List[str]:
+        return [name for name in self.names if name not in self.kept]
+
+    @property
+    def classes(self) -> List[str]:
+        """The router's output classes: the candidate views, then NONE when that is the fallback."""
+        return self.candidates + ([VIEW_NONE] if self.fallback == VIEW_NONE else [])
+
+    def __post_init__(self) -> None:
+        if not self.names or len(set(self.names)) != len(self.names) or not all(isinstance(n, str) and n for n in self.names):
+            raise ConfigError(f"views.names: expected distinct non-empty view names, got {list(self.names)}")
+        if VIEW_NONE in self.names:
+            raise ConfigError(f"views.names: {VIEW_NONE!r} is reserved for the no-extra-view class")
+        unknown = [v for v in self.kept if v not in self.names]
+        if not self.kept or unknown:
+            raise ConfigError(f"views.kept: expected at least one of views.names {list(self.names)}, got {list(self.kept)}")
+        if not self.candidates:
+            raise ConfigError(f"views.kept: every view of views.names is kept ({list(self.names)}); nothing to route")
+        if self.fallback != VIEW_NONE and self.fallback not in self.candidates:
+            raise ConfigError(f"views.fallback: expected {VIEW_NONE} or one of the candidate views {self.candidates}, "
+                              f"got {self.fallback!r}")
+        if not 1 <= self.top_k <= len(self.candidates):
+            raise ConfigError(f"views.top_k: expected 1 <= top_k <= {len(self.candidates)} (the candidate views "
+                              f"{self.candidates}), got {self.top_k}")
+        _choice("views", "marker", self.marker, ["embedding", "name", "both", "none"])
+        _choice("views", "train_mode", self.train_mode, ["teacher_forcing", "gumbel", "router"])
+        _choice("views", "eval_mode", self.eval_mode, ["routed", "all", "kept", "labels"])
+        _choice("views", "class_weights", self.class_weights, ["inverse_frequency", "uniform"])
+        if not 0.0 <= self.extra_view_prob <= 1.0:
+            raise ConfigError(f"views.extra_view_prob: expected a probability in [0, 1], got {self.extra_view_prob!r}")
+        _positive("views", "loss_coef", self.loss_coef, allow_zero=True)
+        _positive("views", "focal_gamma", self.focal_gamma, allow_zero=True)
+        _positive("views", "gumbel_tau", self.gumbel_tau)
+        _positive("views", "router_heads", self.router_heads)
+        _positive("views", "router_hidden", self.router_hidden, allow_zero=True)
+        if not 0.0 <= self.router_dropout < 1.0:
+            raise ConfigError(f"views.router_dropout: expected a number in [0, 1), got {self.router_dropout!r}")
+        if len(set(self.commands)) != len(self.commands):
+            raise ConfigError(f"views.commands: expected distinct command names, got {list(self.commands)}")
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "toy_mose"
@@ -590,6 +707,7 @@ class ExperimentConfig:
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
 
     def __post_init__(self) -> None:
         self.annotate.client.check("annotate.client")

@@ -22,8 +22,14 @@ from mose_lightning.backbones import get_adapter
 from mose_lightning.config import ConfigError, ExperimentConfig
 from mose_lightning.moe import RouteDecision, RoutingRecord, skill_routing_loss
 from mose_lightning.moe.routing import ReferencePassComplete
+from mose_lightning.moe.view_routing import ViewMoE
 from mose_lightning.skills import SkillTaxonomy, load_taxonomy
 from mose_lightning.surgery import MoELayout, apply_moe, load_router_state, set_trainable
+from mose_lightning.views import ViewPromptBuilder, ViewRouting, graph_anchor, view_inputs, view_loss
+
+# What picks the shown views, by views.train_mode (training) and views.eval_mode (generation).
+TRAIN_VIEW_SOURCE = {"teacher_forcing": "labels", "gumbel": "gumbel", "router": "router"}
+EVAL_VIEW_SOURCE = {"routed": "router", "all": "all", "kept": "kept", "labels": "labels"}
 
 
 @dataclass
@@ -43,6 +49,8 @@ class MoEOutput:
     # With forward(output_hidden_states=True): the embeddings and every decoder layer's output (the last after the
     # final norm), as transformers returns them; heads that read the language model (the planner) take them here.
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    # Camera-view routing (views.enabled): what the view router chose and which views the prompt showed.
+    views: Optional[ViewRouting] = None
 
     @property
     def training_loss(self) -> torch.Tensor:
@@ -57,6 +65,7 @@ class GenerationOutput:
     tokens: torch.Tensor  # (B, new tokens)
     routes: List[RouteDecision]
     expert_counts: List[Optional[torch.Tensor]]
+    views: Optional[ViewRouting] = None
 
 
 class MoEVisionLanguageModel(nn.Module):
@@ -69,6 +78,9 @@ class MoEVisionLanguageModel(nn.Module):
         self.layout = layout
         self.cfg = cfg
         self.taxonomy = taxonomy
+        # Camera-view routing (views.enabled): the view router and view embeddings, and the prompt assembly.
+        self.views: Optional[ViewMoE] = None
+        self.view_prompts: Optional[ViewPromptBuilder] = None
 
     @property
     def moe_blocks(self) -> List[nn.Module]:
@@ -109,15 +121,28 @@ class MoEVisionLanguageModel(nn.Module):
                 ctx.reference_pass = False
         return inputs
 
+    def _view_batch(self, batch: Mapping, source: str, with_answer: bool, padding_side: str):
+        """With views.enabled: the assembled backbone batch and its ViewRouting (see mose_lightning/views.py)."""
+        if self.views is None:
+            return batch, None
+        if "view_items" not in batch:
+            raise ValueError("views.enabled: the batch has no view_items; build it with the DataModule of this config")
+        extra = self.cfg.views.extra_view_prob if (self.training and source == "labels") else 0.0
+        return view_inputs(self, batch, source, with_answer, padding_side, extra)
+
     def forward(self, batch: Mapping, with_loss: bool = True, route_source: str = "router",
                 shuffle: Optional[torch.Tensor] = None, recentre_routers: bool = False,
-                output_hidden_states: bool = False) -> MoEOutput:
+                output_hidden_states: bool = False, view_source: str = "router") -> MoEOutput:
         """Teacher-forced forward on prompt + answer. `route_source`: what picks the skill experts (router | labels |
         shuffled; training with moe.teacher_forcing passes "labels"). `recentre_routers`: a fine-tuning step, where
         the routers' input shift follows the batch (moe.router_recentre_momentum). `output_hidden_states`: also
-        return the language model's hidden states."""
+        return the language model's hidden states. `view_source` (views.enabled): what picks the shown views
+        (router | labels | gumbel | all | kept; training passes TRAIN_VIEW_SOURCE)."""
         moe = self.cfg.moe
+        batch, views = self._view_batch(batch, view_source, with_answer=True, padding_side="right")
         inputs = self.adapter.model_inputs(batch)
+        if views is not None:
+            inputs.update({k: batch[k] for k in ("mm_encoder_outputs", "image_grid_thw")})
         labels = batch.get("labels") if with_loss else None
         record = self._begin(batch, batch.get("prompt_mask"), route_source, shuffle=shuffle)
         inputs = self._reference_pass(inputs)
@@ -134,14 +159,23 @@ class MoEVisionLanguageModel(nn.Module):
         if moe.router_skill_loss > 0 and routes and batch.get("skill_labels") is not None and torch.is_grad_enabled():
             aux_losses["router_skill"] = skill_routing_loss(routes, batch["skill_labels"], self.level_names)
             weighted.append(moe.router_skill_loss * aux_losses["router_skill"])
+        if views is not None:
+            router_loss = view_loss(self, views)
+            if router_loss is not None:
+                aux_losses["view_router"] = router_loss
+                if self.cfg.views.loss_coef > 0:
+                    weighted.append(self.cfg.views.loss_coef * router_loss)
+            anchor = graph_anchor(self.views) if torch.is_grad_enabled() else None
+            if anchor is not None:
+                weighted.append(anchor)
         aux_loss = torch.stack(weighted).sum() if weighted else None
         return MoEOutput(getattr(out, "loss", None), out.logits, aux_loss, aux_losses, routes, counts,
-                         out.hidden_states if output_hidden_states else None)
+                         hidden_states=out.hidden_states if output_hidden_states else None, views=views)
 
     @torch.no_grad()
     def generate(self, batch: Mapping, max_new_tokens: int, reroute_every_step: bool = False,
                  route_source: str = "router", shuffle: Optional[torch.Tensor] = None,
-                 **generate_kwargs) -> GenerationOutput:
+                 view_source: Optional[str] = None, **generate_kwargs) -> GenerationOutput:
         """Greedy single-round generation from a left-padded prompt batch; returns only the new tokens, with the
         routes decided on the prompt.
 
@@ -151,8 +185,14 @@ class MoEVisionLanguageModel(nn.Module):
         The routers decide, also for a model trained with `moe.teacher_forcing`: the batch's skill labels are
         ground truth that inference must not see. `route_source="labels"` routes by them (oracle routing),
         "shuffled" takes sample `shuffle[i]`'s route for sample i (a control).
+        With views.enabled, `view_source` (default: views.eval_mode's) picks the shown views; "router" encodes only
+        the kept views and the router's top-k.
         """
+        view_source = EVAL_VIEW_SOURCE[self.cfg.views.eval_mode] if view_source is None else view_source
+        batch, views = self._view_batch(batch, view_source, with_answer=False, padding_side="left")
         inputs = self.adapter.model_inputs(batch)
+        if views is not None:
+            inputs.update({k: batch[k] for k in ("mm_encoder_outputs", "image_grid_thw")})
         prompt_length = inputs["input_ids"].shape[1]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         # Without a processor (random weights of an architecture) the backbone's generation config decides.
@@ -169,7 +209,7 @@ class MoEVisionLanguageModel(nn.Module):
             **generate_kwargs,
         )
         routes, counts = self._routing(record)
-        return GenerationOutput(sequences[:, prompt_length:], routes, counts)
+        return GenerationOutput(sequences[:, prompt_length:], routes, counts, views)
 
 
 def build_model(cfg: ExperimentConfig, meta: bool = False, backbone_state: Optional[Mapping] = None,
@@ -195,7 +235,28 @@ def build_model(cfg: ExperimentConfig, meta: bool = False, backbone_state: Optio
     set_trainable(backbone, layout, cfg.moe)
     if router_state is not None:
         load_router_state(layout, router_state, router_source)
-    return MoEVisionLanguageModel(backbone, processor, adapter, layout, cfg, taxonomy)
+    model = MoEVisionLanguageModel(backbone, processor, adapter, layout, cfg, taxonomy)
+    if cfg.views.enabled:
+        attach_views(model, meta)
+    return model
+
+
+def attach_views(model: MoEVisionLanguageModel, meta: bool = False) -> None:
+    """The view router and view embeddings (views.enabled), float32, trainable by views.router_trainable; and the
+    prompt assembly (not on the meta device: it needs the tokenizer)."""
+    v = model.cfg.views
+    hidden = int(model.adapter.text_config(model.backbone).hidden_size)
+    try:
+        views = ViewMoE(v.names, v.kept, v.classes, hidden, v.router_heads, v.router_hidden, v.router_dropout,
+                        len(v.commands))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if meta:
+        views = views.to("meta")
+    views.requires_grad_(v.router_trainable)
+    model.views = views
+    if not meta:
+        model.view_prompts = ViewPromptBuilder(model.adapter, model.processor, v)
 
 
 def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

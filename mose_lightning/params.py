@@ -2,9 +2,9 @@
 
 Activated = every parameter a token passes through. Per MoE layer a token uses the shared expert and
   MoSE: 1 of N skill experts;  expert groups: 1 of 2N (its skill's image or text expert);  top-k: k of N.
-Everything else (vision tower, attention, embeddings, routers) is activated. With moe.router_input=frozen_backbone
-the MoE blocks also hold a frozen copy of the dense FFN they replaced, which only the routing pass over the prompt
-runs: counted apart (`reference_ffn`), not in total or activated.
+Everything else (vision tower, attention, embeddings, routers, the view router) is activated. With
+moe.router_input=frozen_backbone the MoE blocks also hold a frozen copy of the dense FFN they replaced, which only the
+routing pass over the prompt runs: counted apart (`reference_ffn`), not in total or activated.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ def parameter_report(model) -> Dict[str, object]:
     """Counts for a `MoEVisionLanguageModel` (works on the meta device)."""
     reference = _unique_numel(p for b in model.layout.blocks if getattr(b, "reference_ffn", None) is not None
                               for p in b.reference_ffn.parameters())
-    total = _unique_numel(model.backbone.parameters()) - reference
-    trainable = _unique_numel(p for p in model.backbone.parameters() if p.requires_grad)
+    # The view router and view embeddings (views.enabled) run for every sample beside the backbone.
+    views = list(model.views.parameters()) if getattr(model, "views", None) is not None else []
+    total = _unique_numel(list(model.backbone.parameters()) + views) - reference
+    trainable = _unique_numel(p for p in list(model.backbone.parameters()) + views if p.requires_grad)
     inactive = 0
     for block in model.layout.blocks:
         experts = getattr(block, "experts", None)

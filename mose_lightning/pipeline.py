@@ -61,6 +61,25 @@ def ensure_synthetic_data(cfg: ExperimentConfig) -> None:
     cfg.data.test_shards = cfg.data.test_shards or str(rule / "test")
 
 
+def ensure_synthetic_views(cfg: ExperimentConfig) -> None:
+    """Empty shard settings on a toy config with views.enabled -> the multi-view synthetic set (labels by
+    construction, no annotation step), cameras = views.names."""
+    if not cfg.views.enabled or cfg.data.train_shards or not _is_toy(cfg):
+        return
+    from data_recipes.synthetic import generate_synthetic_multiview
+
+    s = cfg.views.synthetic
+    root = resolve_path(s.out_dir)
+    if not all(is_complete(root / split) for split in SPLITS):
+        print(f"[toy] generating the multi-view synthetic set in {root}")
+        # At least 8 shards per split: every DDP rank needs its own training shard.
+        generate_synthetic_multiview(root, s.num_train, s.num_val, s.num_test, s.seed, s.image_width, s.image_height,
+                                     cfg.views.names, overwrite=True, maxcount=max(1, min(200, -(-s.num_train // 8))))
+    cfg.data.train_shards = str(root / "train")
+    cfg.data.val_shards = cfg.data.val_shards or str(root / "val")
+    cfg.data.test_shards = cfg.data.test_shards or str(root / "test")
+
+
 def ensure_toy_backbone(cfg: ExperimentConfig) -> None:
     """The toy backbone's brief dense instruction tuning (backbone.init_config, default toy_instruct.yaml), run
     once and cached at backbone.init_checkpoint."""
@@ -82,6 +101,9 @@ def ensure_toy_backbone(cfg: ExperimentConfig) -> None:
         instruct.data.synthetic.family = family
         instruct.data.synthetic.out_dir = f"{cfg.data.synthetic.out_dir}_{family}"
         instruct.data.synthetic.trajectories = False
+    if cfg.views.enabled or family != cfg.data.synthetic.family:
+        # A view config's shards are the multi-view set; the toy learns to read the scenes (the same objects) from
+        # the single-view synthetic set, as for every other toy config.
         instruct.data.train_shards = instruct.data.val_shards = instruct.data.test_shards = ""
         ensure_synthetic_data(instruct)
     elif cfg.data.synthetic.trajectories:
@@ -135,6 +157,7 @@ def ensure_trained_model(cfg: ExperimentConfig, kind_for_source: str = "") -> No
 
 def prepare(cfg: ExperimentConfig, stage: str) -> None:
     """Create what `stage` needs on the toy default."""
+    ensure_synthetic_views(cfg)
     ensure_synthetic_data(cfg)
     if stage == "eval" and cfg.init_from:
         # A saved model is rebuilt from its own config (backbone included): the eval config's toy backbone and

@@ -26,7 +26,9 @@ def _with_box(image: Image.Image, box: Sequence[float]) -> Image.Image:
 
 
 def predict_one(checkpoint: str, images: Sequence[str], question: str, box: Optional[Sequence[float]] = None,
-                max_new_tokens: int = 128) -> Tuple[str, List[Dict]]:
+                max_new_tokens: int = 128, views_out: Optional[Dict] = None) -> Tuple[str, List[Dict]]:
+    """The answer and the skill chain. For a view-routed model the images are its views.names in order (the kept
+    views at least), and `views_out` (a dict, when given) receives the views shown and the router's choice."""
     model = load_model(checkpoint)
     model.eval()
     pil = []
@@ -39,11 +41,25 @@ def predict_one(checkpoint: str, images: Sequence[str], question: str, box: Opti
     sample = Sample(key="predict", dataset="user", task="regional" if box else "general", question=question,
                     answer=None, views=[f"view{i}" for i in range(len(pil))], images=[encode_jpeg(im) for im in pil])
     d = model.cfg.data
-    encoder = SampleEncoder(model.adapter, model.processor, model.taxonomy,
-                            EncodeSettings(d.image_width, d.image_height, d.max_length, d.overlong,
-                                           d.system_prompt or None, with_answer=False))
-    tokenizer = getattr(model.processor, "tokenizer", model.processor)
-    batch = collate([encoder(sample)], tokenizer.pad_token_id, "left")
+    settings = EncodeSettings(d.image_width, d.image_height, d.max_length, d.overlong, d.system_prompt or None,
+                              with_answer=False)
+    if model.views is not None:
+        from mose_lightning.data.view_encode import ViewSampleEncoder, collate_views
+
+        names = model.cfg.views.names
+        if len(pil) > len(names):
+            raise ConfigError(f"--image: {len(pil)} images for a model with the views {names} (one image per view, in order)")
+        sample.views = names[: len(pil)]
+        encoder = ViewSampleEncoder(model.adapter, model.processor, model.taxonomy, settings, model.cfg.views, len(names))
+        batch = collate_views([encoder(sample)])
+    else:
+        encoder = SampleEncoder(model.adapter, model.processor, model.taxonomy, settings)
+        tokenizer = getattr(model.processor, "tokenizer", model.processor)
+        batch = collate([encoder(sample)], tokenizer.pad_token_id, "left")
     generated = model.generate(batch, max_new_tokens)
+    if generated.views is not None and views_out is not None:
+        decision = generated.views.decision
+        views_out["shown"] = generated.views.shown[0]
+        views_out["choice"] = sorted(zip(decision.classes, decision.probs[0].tolist()), key=lambda e: -e[1])
     chains = skill_chains(generated.routes, model.taxonomy)
     return decode_new_tokens(model, generated.tokens)[0], chains[0] if chains else []

@@ -201,8 +201,11 @@ def set_trainable(model: nn.Module, layout: MoELayout, moe: MoEConfig) -> Dict[s
         matched = 0
         for name, param in model.named_parameters():
             if any(fnmatch.fnmatch(name, pattern) for pattern in moe.extra_trainable):
-                param.requires_grad_(True)
                 matched += 1
+                # A pattern over the whole language model still leaves the reference FFNs frozen: the reference
+                # pass runs without gradient, so the optimiser would only move them by weight decay.
+                if ".reference_ffn." not in f".{name}":
+                    param.requires_grad_(True)
         if matched == 0:
             raise ConfigError(f"moe.extra_trainable {list(moe.extra_trainable)} matched no parameter name")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -30,6 +30,7 @@ from mose_lightning.data import skips
 from mose_lightning.io import atomic_write_json, temp_file
 from mose_lightning.locks import lock_run_dir
 from mose_lightning.moe.routing import SequenceSkillRouter
+from mose_lightning.moe.view_routing import ViewRouter
 
 # The final metrics of a fit, recorded before the model is saved: a run killed during the save (whose rerun resumes
 # at its last step and trains nothing) still finishes with them.
@@ -90,7 +91,7 @@ def _fsdp_mixed_precision(precision: str):
     compute dtype; its gradients are reduced in float32 too. Without it, bf16-mixed would compute the routers from
     bf16 copies of their weights, and the routers would have to take their layer's dtype."""
     policy = FSDPPrecision("32-true" if precision == "32" else precision).mixed_precision_config
-    ignored = tuple(policy._module_classes_to_ignore) + (SequenceSkillRouter,)
+    ignored = tuple(policy._module_classes_to_ignore) + (SequenceSkillRouter, ViewRouter)
     return dataclasses.replace(policy, _module_classes_to_ignore=ignored)
 
 
@@ -154,7 +155,10 @@ def precision_and_plugins(cfg: ExperimentConfig, model) -> tuple:
     t = cfg.trainer
     if t.precision == "bf16-true" and model is not None:
         plugin = _FSDPBF16TrueFloat32Routers if t.strategy == "fsdp" else _BF16TrueFloat32Routers
-        return None, [plugin("bf16-true", [block.router for block in model.layout.sequence_routed])]
+        routers = [block.router for block in model.layout.sequence_routed]
+        if getattr(model, "views", None) is not None:  # the view router computes in float32 too
+            routers.append(model.views)
+        return None, [plugin("bf16-true", routers)]
     return t.precision, []
 
 

@@ -240,3 +240,21 @@ def test_train_step_benchmark_compares_mose_with_dense_sft_on_random_weights(cap
     assert mose["trainable_params"] > dense["trainable_params"] > 0
     for r in (dense, mose):
         assert r["tokens_per_s"] > 0 and r["seconds_per_new_token"] > 0
+
+
+def test_view_routing_benchmark_encodes_and_shows_the_views_of_each_mode(capsys):
+    from benchmarks import view_routing
+
+    result = _tiny_json(view_routing, capsys)
+    toy = result["results"]["toy"]
+    assert list(toy) == list(view_routing.MODES)
+    # The toy's image is 32 tokens; six cameras, CAM_FRONT kept. A routed or labelled mode adds at most its top-k
+    # views (none where the router says NONE or the label is CAM_FRONT itself).
+    for mode, (least, most) in {"all": (6, 6), "kept": (1, 1), "routed1": (1, 2), "routed2": (1, 3),
+                                "labels": (1, 2)}.items():
+        assert 32 * least <= toy[mode]["image_tokens_per_sample"] <= 32 * most, mode
+        assert least <= toy[mode]["images_encoded_per_sample"] <= most, mode
+    assert toy["all"]["speedup_vs_all"] == 1.0
+    for mode, q in result["quality"].items():
+        assert q["needs_other_view"]["n"] + q["kept_views_suffice"]["n"] == 8, mode
+        assert 0.0 <= q["needs_other_view"]["token_f1"]["mean"] <= 1.0

@@ -296,6 +296,14 @@ def test_extra_trainable_patterns(make_config, batch):
     assert all(_has_grad(params[n]) for n in extra)
 
 
+def test_extra_trainable_pattern_over_the_language_model_keeps_the_reference_ffns_frozen(make_config):
+    model = build_model(make_config("moe.kind=mose", "moe.extra_trainable=['model.language_model.*']"), meta=True)
+    params = dict(model.backbone.named_parameters())
+    reference = [n for n in params if ".reference_ffn." in n]
+    assert reference and not any(params[n].requires_grad for n in reference)
+    assert params["model.language_model.layers.0.self_attn.q_proj.weight"].requires_grad
+
+
 def test_extra_trainable_pattern_matching_nothing_is_an_error(make_config):
     with pytest.raises(ConfigError, match="moe.extra_trainable"):
         build_model(make_config("moe.extra_trainable=['no_such_param*']"))

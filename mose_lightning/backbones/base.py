@@ -385,3 +385,24 @@ class BackboneAdapter:
         """A region [x, y, w, h] in pixels of an image of `image_size` (the data's convention), written as this
         backbone reads boxes; `encoded_size` is the image's size when it is handed to the processor."""
         return region_text(box, image_size, self.box_format, self.input_image_size(processor, *encoded_size))
+
+    # ---- camera-view routing (mose_lightning/views.py): images encoded on their own, prompts assembled per batch --
+    def image_tokens_per_image(self, model: nn.Module, pixel_values: torch.Tensor,
+                               grid_thw: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The language-model input tokens of each image, (tokens_i, hidden) per image, from the vision tower."""
+        raise BackboneError(f"backbone {self.name!r}: camera-view routing (views.enabled) is not supported; "
+                            "use backbone.name=qwen2_vl or toy")
+
+    def view_prompt_pieces(self, processor: Any, question: str, system: Optional[str] = None,
+                           answer: Optional[str] = None) -> Dict[str, list]:
+        """Token ids of a multi-image prompt around its images: `prefix` (up to the first image), `suffix` (after
+        the last image, up to the generation prompt), `answer` (answer + end of turn; empty without an answer), and
+        `image_start`, `image_pad`, `image_end`: one image is image_start + image_pad x its tokens + image_end."""
+        raise BackboneError(f"backbone {self.name!r}: camera-view routing (views.enabled) is not supported; "
+                            "use backbone.name=qwen2_vl or toy")
+
+    def precomputed_image_inputs(self, features: Tuple[torch.Tensor, ...], grid_thw: torch.Tensor) -> Dict[str, Any]:
+        """Forward / generate keyword arguments that hand already-encoded image tokens (in placeholder order) to the
+        model instead of pixels."""
+        raise BackboneError(f"backbone {self.name!r}: camera-view routing (views.enabled) is not supported")
+

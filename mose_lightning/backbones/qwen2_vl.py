@@ -8,7 +8,10 @@ frame Qwen2.5-VL's absolute box coordinates refer to.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
 
 from mose_lightning.backbones.base import BackboneAdapter, BackboneError
 from mose_lightning.backbones.toy_tokenizer import (
@@ -110,6 +113,38 @@ class Qwen2VLAdapter(BackboneAdapter):
             # As in Qwen2-VL-2B (and the 2B-3B sizes of its successors): the LM head shares the embedding.
             tie_word_embeddings=True,
         )
+
+
+    # ---- camera-view routing ----------------------------------------------------------------------------------
+    def image_tokens_per_image(self, model: nn.Module, pixel_values: torch.Tensor,
+                               grid_thw: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return tuple(model.model.get_image_features(pixel_values, grid_thw).pooler_output)
+
+    def view_prompt_pieces(self, processor: Any, question: str, system: Optional[str] = None,
+                           answer: Optional[str] = None) -> Dict[str, list]:
+        tokenizer = getattr(processor, "tokenizer", processor)
+        prompt, full = self.build_prompt(processor, question, 1, system, answer)
+        ids = tokenizer(prompt)["input_ids"]
+        start, pad, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"))
+        if ids.count(pad) != 1 or start not in ids or end not in ids:
+            raise BackboneError(f"{self.name}: the chat template did not lay out one image as vision_start, image_pad, "
+                                f"vision_end (prompt {prompt!r})")
+        i, j = ids.index(start), ids.index(end)
+        pieces = {"prefix": ids[:i], "suffix": ids[j + 1:], "answer": [], "image_start": [start], "image_pad": pad,
+                  "image_end": [end]}
+        if full is not None:
+            full_ids = tokenizer(full)["input_ids"]
+            if full_ids[: len(ids)] != ids:
+                raise BackboneError(f"{self.name}: the prompt's tokens are not a prefix of prompt + answer "
+                                    f"(question {question[:60]!r}); label masking would cut in the wrong place")
+            pieces["answer"] = full_ids[len(ids):]
+        return pieces
+
+    def precomputed_image_inputs(self, features: Tuple[torch.Tensor, ...], grid_thw: torch.Tensor) -> Dict[str, Any]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))},
+                "image_grid_thw": grid_thw}
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):

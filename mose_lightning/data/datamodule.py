@@ -249,9 +249,11 @@ class SplitInfo:
 class DriveDataModule(pl.LightningDataModule):
     """CODA-LM, DriveLM and synthetic shards behind one interface, for every stage."""
 
-    def __init__(self, cfg: DataConfig, adapter, processor, taxonomy) -> None:
+    def __init__(self, cfg: DataConfig, adapter, processor, taxonomy, views=None) -> None:
         super().__init__()
         self.cfg = cfg
+        # ViewsConfig with views.enabled: samples keep every view and leave the prompt to the model.
+        self.views = views if views is not None and views.enabled else None
         self.adapter = adapter
         self.processor = processor
         self.taxonomy = taxonomy
@@ -276,10 +278,16 @@ class DriveDataModule(pl.LightningDataModule):
         self.splits[name] = info
         return info
 
-    def encoder(self, with_answer: bool) -> SampleEncoder:
+    def encoder(self, with_answer: bool, kept_views_only: bool = False) -> SampleEncoder:
         c = self.cfg
         settings = EncodeSettings(c.image_width, c.image_height, c.max_length, c.overlong, c.system_prompt or None,
                                   with_answer, c.blank_images)
+        if self.views is not None:
+            from mose_lightning.data.view_encode import ViewSampleEncoder
+
+            v = self.views
+            shown = len(v.names) if v.eval_mode == "all" or v.extra_view_prob > 0 else len(v.kept) + v.top_k
+            return ViewSampleEncoder(self.adapter, self.processor, self.taxonomy, settings, v, shown, kept_views_only)
         return SampleEncoder(self.adapter, self.processor, self.taxonomy, settings)
 
     def samples_per_rank(self, world: int) -> int:
@@ -312,13 +320,14 @@ class DriveDataModule(pl.LightningDataModule):
         stream.set_epoch(epoch)
         return self.loader(stream, self.cfg.batch_size, "right")
 
-    def eval_stream(self, split: str, with_answer: bool) -> ShardStream:
+    def eval_stream(self, split: str, with_answer: bool, kept_views_only: bool = False) -> ShardStream:
         info = self.split_info(split)
         if info is None:
             raise ConfigError(f"data.{split}_shards is empty; expected the {split} shards")
         rank, world = _dist_rank_world()
-        return ShardStream(info.shards, self.encoder(with_answer), rank, world, False, self.cfg.seed, 0, total=info.total,
-                           expected=info.expected, verify_checksum=self.cfg.verify_checksums in ("eval", "always"))
+        return ShardStream(info.shards, self.encoder(with_answer, kept_views_only), rank, world, False, self.cfg.seed, 0,
+                           total=info.total, expected=info.expected,
+                           verify_checksum=self.cfg.verify_checksums in ("eval", "always"))
 
     def val_dataloader(self) -> DataLoader:
         if not self.cfg.val_shards:
@@ -343,7 +352,12 @@ class _Collate:
         for item in items:
             skipped.update(item.pop("skipped", {}))
             records.extend(item.pop("skipped_samples", []))
-        batch = collate(items, self.pad_id, self.padding_side)
+        if "view_item" in items[0]:
+            from mose_lightning.data.view_encode import collate_views
+
+            batch = collate_views(items)
+        else:
+            batch = collate(items, self.pad_id, self.padding_side)
         batch["skipped"] = dict(skipped)
         batch["skipped_samples"] = records
         return batch

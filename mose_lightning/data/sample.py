@@ -35,6 +35,10 @@ Shards are WebDataset tar files. One record is one question-answer pair and hold
                       "velocity": [vx, vy]}, ...]: axis-aligned boxes at t = 0 moving at constant velocity, the
                       planner's collision (object) and stop-violation (stop_zone) proxy; absent when unknown
                       (no proxy is computed), [] for a scene known to have none
+    - `view_labels` (optional): the views the question needs, a list of names from `views` (multi-label; empty:
+      the data names none, so the model's configured fallback applies), for camera-view routing
+    - `command` (optional): a navigation command of the ego car in words ("turn left", ...), a context input of
+      the view router (the planner reads `planning.command` instead)
   Unknown extra keys are kept (`Sample.extra`) so later tools (e.g. the skill annotator) can add fields.
 
 Images are stored as JPEG bytes exactly as the converter produced them; a loader decodes them with
@@ -62,7 +66,7 @@ TASKS: Dict[str, tuple] = {
 CATEGORIES = ("vehicle", "vru", "traffic_sign", "traffic_light", "traffic_cone", "barrier", "miscellaneous")
 JSON_FIELDS = ("dataset", "task", "question", "answer", "views", "region", "skills", "category", "source")
 # Optional JSON fields: written only when set, so samples without them keep their exact bytes.
-OPTIONAL_JSON_FIELDS = ("planning",)
+OPTIONAL_JSON_FIELDS = ("planning", "view_labels", "command")
 COMMANDS = ("left", "right", "straight")
 SCENARIOS = ("merging", "parking_exit", "overtaking", "emergency_brake", "give_way", "traffic_light_sign", "normal")
 OBSTACLE_KINDS = ("object", "stop_zone")
@@ -108,6 +112,8 @@ class Sample:
     source: Dict[str, Any] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
     planning: Optional[Dict[str, Any]] = None
+    view_labels: Optional[List[str]] = None
+    command: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         data = dict(self.extra)
@@ -122,8 +128,10 @@ class Sample:
             category=self.category,
             source=self.source,
         )
-        if self.planning is not None:
-            data["planning"] = self.planning
+        for name in OPTIONAL_JSON_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = list(value) if isinstance(value, list) else value
         return data
 
     def to_record(self) -> Dict[str, Any]:
@@ -192,6 +200,8 @@ class Sample:
             source=raw["source"],
             extra=extra,
             planning=raw.get("planning"),
+            view_labels=raw.get("view_labels"),
+            command=raw.get("command"),
         )
         validate(sample, where)
         return sample
@@ -256,6 +266,15 @@ def validate(sample: Sample, where: str = "sample", skill_levels: Optional[Mappi
         raise _fail(key, where, "category", f"null or one of {list(CATEGORIES)}", sample.category)
     if not isinstance(sample.source, Mapping):
         raise _fail(key, where, "source", "a JSON object", sample.source)
+    labels = sample.view_labels
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels) or len(set(labels)) != len(labels):
+            raise _fail(key, where, "view_labels", "null or a list of distinct view names", labels)
+        missing = [v for v in labels if v not in views]
+        if missing:
+            raise _fail(key, where, "view_labels", f"names of the sample's views {views}", missing)
+    if sample.command is not None and (not isinstance(sample.command, str) or not sample.command.strip()):
+        raise _fail(key, where, "command", "null or a non-empty string", sample.command)
     if sample.planning is not None:
         validate_planning(sample.planning, key, where)
 
@@ -310,6 +329,7 @@ def validate_planning(planning: Any, key: Any = "?", where: str = "sample") -> N
                 and _points([box.get("velocity", [0.0, 0.0])])):
             raise _fail(key, where, name, "`center` [x, y], `size` [length, width] > 0 and optional `velocity` "
                         "[vx, vy], finite numbers", box)
+
 
 
 def decode_images(item: Union[Sample, Mapping[str, Any]]) -> List[Image.Image]:

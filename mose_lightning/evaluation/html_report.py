@@ -1,7 +1,8 @@
 """`report.html`: one self-contained page to read a run's answers next to its scores.
 
 The run's score tables first, then per sample its images, question, reference, prediction, judge rating, token F1,
-ground-truth skills and the predicted skill chain (layer: level/skill (prob)). Small images are embedded as base64
+ground-truth skills and the predicted skill chain (layer: level/skill (prob)); for a view-routed model the views its
+prompt showed, each under its name, with the views the labels need and the router's probabilities. Small images are embedded as base64
 so the page survives being copied alone; larger ones are linked by their path relative to the run directory.
 All text is HTML-escaped: questions and answers contain `<cN,CAM_X,x,y>` object tags.
 """
@@ -94,8 +95,26 @@ def select_samples(records: Sequence[Mapping], max_samples: int) -> List[Mapping
     return out
 
 
+def _views_html(run_dir: Path, r: Mapping) -> str:
+    """A view-routed sample: each shown view's image under its name, and the router's choice with probabilities."""
+    figures = "".join(
+        f'<figure style="display:inline-block;margin:2px">{_image_html(run_dir, v["path"])}'
+        f"<figcaption>{_e(v['view'])}</figcaption></figure>" for v in (r.get("view_images") or []))
+    choice = ", ".join(f"{_e(c['view'])} {float(c['prob']):.2f}" for c in (r.get("view_choice") or [])[:4])
+    return (
+        f"<div>{figures}</div>"
+        f'<div><span class="label">Views shown:</span> {_e(", ".join(r.get("views_shown") or []))}'
+        f' ({_e(r.get("image_tokens"))} image tokens, {_e(r.get("view_source"))})'
+        f' | <span class="label">needed (labels):</span> {_e(", ".join(r.get("view_targets") or []) or "-")}'
+        f' | <span class="label">router:</span> {choice or "-"}</div>'
+    )
+
+
 def _sample_html(run_dir: Path, r: Mapping, ratings: Optional[Mapping]) -> str:
-    images = "".join(_image_html(run_dir, p) for p in (r.get("images") or []))
+    if r.get("views_shown") is not None:
+        images = _views_html(run_dir, r)
+    else:
+        images = "<div>" + "".join(_image_html(run_dir, p) for p in (r.get("images") or [])) + "</div>"
     reference = r.get("reference")
     f1 = "-" if reference is None else f"{token_f1(r.get('prediction') or '', reference):.2f}"
     skills = r.get("skills")
@@ -112,7 +131,7 @@ def _sample_html(run_dir: Path, r: Mapping, ratings: Optional[Mapping]) -> str:
     return (
         '<div class="sample">'
         f"<div><b>{_e(r.get('key'))}</b> | {_e(r.get('dataset'))} / {_e(r.get('task'))}{category}</div>"
-        f"<div>{images}</div>{text_rows}"
+        f"{images}{text_rows}"
         f'<div><span class="label">Judge rating:</span> {_e(_rating_text(r.get("key"), ratings))}'
         f' | <span class="label">token F1:</span> {_e(f1)}</div>'
         f'<div><span class="label">Ground-truth skills:</span> {_e(skills_txt)}</div>'

@@ -287,3 +287,36 @@ def plot_data_scaling(
     results: Mapping[str, Mapping[float, Tuple[float, float]]], path: str | os.PathLike, metric: str = "Score"
 ) -> Path:
     return _save(data_scaling_figure(results, metric), path)
+
+
+def view_confusion_figure(confusion, classes: Sequence[str]):
+    """The view router's confusion matrix: rows the target view class, columns its top-1, counts annotated."""
+    matrix = np.asarray(confusion, dtype=float)
+    if matrix.shape != (len(classes), len(classes)):
+        raise ValueError(f"view confusion must be {len(classes)}x{len(classes)} for classes {list(classes)}, "
+                         f"got shape {matrix.shape}")
+    totals = matrix.sum(axis=1, keepdims=True)
+    frac = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
+    size = 1.5 + 0.75 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    short = [c.replace("CAM_", "") for c in classes]
+    ax.set_xticks(range(len(classes)))
+    ax.set_xticklabels(short, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)))
+    ax.set_yticklabels(short, fontsize=8)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if matrix[i, j]:
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xlabel("router top-1")
+    ax.set_ylabel("needed view")
+    fig.colorbar(im, ax=ax, label="fraction of the row")
+    ax.set_title("View router confusion")
+    fig.tight_layout()
+    return fig
+
+
+def plot_view_confusion(confusion, classes: Sequence[str], path: str | os.PathLike) -> Path:
+    return _save(view_confusion_figure(confusion, classes), path)

@@ -235,6 +235,33 @@ def routing_table(routing: Mapping, meta: Mapping) -> Table:
                                    "Router pretraining acc (held-out)"], rows, notes)
 
 
+def view_routing_tables(view_routing: Mapping, by_need: Mapping, meta: Mapping) -> List[Table]:
+    """The view router against the labels (accuracy, macro-F1, per class) and answer quality split by whether the
+    question needs a view beyond the kept ones."""
+    views = meta.get("views") or {}
+    rows = [[name, _fmt(c.get("precision"), 3), _fmt(c.get("recall"), 3), _fmt(c.get("f1"), 3), str(c.get("support", 0)),
+             str((view_routing.get("shown") or {}).get(name, 0))]
+            for name, c in (view_routing.get("per_class") or {}).items()]
+    notes = [
+        f"Router top-1 against the view labels over {view_routing.get('labelled', 0)} labelled of "
+        f"{view_routing.get('samples', '?')} samples: accuracy {_fmt(view_routing.get('accuracy'), 3)}, "
+        f"macro-F1 {_fmt(view_routing.get('macro_f1'), 3)} (a multi-label sample counts as right when the top-1 is "
+        "any of its views). Fallback for questions naming no candidate view: " + str(views.get("fallback", "-")) + ".",
+        f"Prompts showed {_fmt(view_routing.get('views_per_sample'), 2)} views and "
+        f"{_fmt(view_routing.get('image_tokens_per_sample'), 1)} image tokens per sample "
+        f"(eval_mode {views.get('eval_mode', '-')}, top_k {views.get('top_k', '-')}, kept {views.get('kept', '-')}).",
+    ]
+    tables = [Table("View routing", ["Class", "Precision", "Recall", "F1", "Support", "Shown (samples)"], rows, notes)]
+    if by_need:
+        labels = {"needs_other_view": "needs a non-kept view", "kept_views_suffice": "kept views suffice"}
+        need_rows = [[labels.get(part, part), str(s.get("n", "-")), _fmt(s.get("exact_match"), 2, 100.0),
+                      _fmt(s.get("token_f1"), 2, 100.0), _fmt(s.get("rouge_l"), 2, 100.0)] for part, s in by_need.items()]
+        tables.append(Table("Answer quality by view need", ["Question", "n", "Exact match", "Token F1", "ROUGE-L"],
+                            need_rows, ["Local metrics x 100 over the samples whose view labels name a view beyond "
+                                        "the kept ones, and over the others."]))
+    return tables
+
+
 def results_tables(scores: Mapping, meta: Mapping) -> List[Table]:
     tables: List[Table] = []
     if meta.get("partial"):
@@ -247,6 +274,8 @@ def results_tables(scores: Mapping, meta: Mapping) -> List[Table]:
         tables.append(local_table(scores["local"]))
     if scores.get("routing"):
         tables.append(routing_table(scores["routing"], meta))
+    if scores.get("view_routing"):
+        tables += view_routing_tables(scores["view_routing"], scores.get("local_by_view_need") or {}, meta)
     return tables
 
 

@@ -13,7 +13,9 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from mose_lightning.checkpoint import saved_tensor_names
 from mose_lightning.config import ExperimentConfig
+from mose_lightning.model import EVAL_VIEW_SOURCE, TRAIN_VIEW_SOURCE
 from mose_lightning.evaluation.routing_metrics import RoutingAccuracy
+from mose_lightning.evaluation.view_metrics import ViewRoutingAccuracy, batch_accuracy
 
 
 def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int, min_ratio: float):
@@ -46,6 +48,7 @@ class NonFiniteLoss(RuntimeError):
 
 # Where the backbone's tensors sit in a FineTuneModule's state dict (module.model.backbone).
 BACKBONE_PREFIX = "model.backbone."
+VIEWS_PREFIX = "model.views."
 
 
 def backbone_tensors(lightning_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -68,6 +71,7 @@ class FineTuneModule(pl.LightningModule):
         blocks = model.layout.sequence_routed
         self.val_routing = RoutingAccuracy([b.layer_index for b in blocks], [b.level_name for b in blocks],
                                            self.level_names) if blocks else None
+        self.val_view_routing = ViewRoutingAccuracy(model.views.classes) if model.views is not None else None
 
     # ---- optimisation -----------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -101,6 +105,8 @@ class FineTuneModule(pl.LightningModule):
         """The state-dict keys a checkpoint keeps; a KeyError if the checkpoint lacks any (a run resumed without
         them would go on from untrained weights without a word)."""
         keep = {BACKBONE_PREFIX + name for name in saved_tensor_names(self.model)}
+        if self.model.views is not None:  # the view router and view embeddings live beside the backbone
+            keep |= {VIEWS_PREFIX + name for name in self.model.views.state_dict()}
         missing = keep - set(checkpoint["state_dict"])
         if missing:
             raise KeyError(f"checkpoint state lacks {len(missing)} trained tensors of this model, e.g. {sorted(missing)[:3]}")
@@ -135,7 +141,7 @@ class FineTuneModule(pl.LightningModule):
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
         out = self.model(batch, route_source="labels" if self.cfg.moe.teacher_forcing else "router",
-                         recentre_routers=True)
+                         recentre_routers=True, view_source=TRAIN_VIEW_SOURCE[self.cfg.views.train_mode])
         raw = out.training_loss
         loss = self._check_finite(raw, batch)
         size = len(batch["meta"])
@@ -147,15 +153,21 @@ class FineTuneModule(pl.LightningModule):
             self.log("train/aux_loss", out.aux_loss.detach(), batch_size=size)
             for name, value in out.aux_losses.items():
                 self.log(f"train/aux/{name}", value.detach(), batch_size=size)
-        self._log_throughput(batch)
+        self._log_throughput(batch, out)
         self._log_skipped(batch, "train")
         self._log_batch_routing(out.routes, batch)
+        if out.views is not None:
+            acc = batch_accuracy(out.views.decision)
+            if acc is not None:  # not synced: whether a batch carries view labels is data-dependent
+                self.log("train/view_router_acc", acc, batch_size=size)
+            self.log("train/image_tokens_per_sample", out.views.image_tokens.float().mean(), batch_size=size)
         return {"loss": loss, "expert_counts": out.expert_counts}
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int):
-        keep = torch.tensor([not m.get("pad", False) for m in batch["meta"]], device=batch["input_ids"].device)
-        out = self.model(batch)
-        labels = batch["labels"]
+        keep = torch.tensor([not m.get("pad", False) for m in batch["meta"]], device=self.device)
+        # Validation shows what inference would (views.eval_mode), so val/loss measures the deployed routing.
+        out = self.model(batch, view_source=EVAL_VIEW_SOURCE[self.cfg.views.eval_mode])
+        labels = batch["labels"] if out.views is None else out.views.labels
         logits = out.logits[:, :-1]
         target = labels[:, 1:]
         valid = (target != -100) & keep.view(-1, 1)
@@ -169,9 +181,13 @@ class FineTuneModule(pl.LightningModule):
         self.log("val/answer_token_acc", acc, sync_dist=True, batch_size=int(keep.sum().clamp_min(1)))
         if self.val_routing is not None and batch.get("skill_labels") is not None:
             self.val_routing.update(out.routes, batch["skill_labels"], keep)
+        if self.val_view_routing is not None:
+            self.val_view_routing.update(out.views.decision, keep)
         return {"routes": out.routes, "expert_counts": out.expert_counts}
 
     def on_validation_epoch_end(self) -> None:
+        if self.val_view_routing is not None:
+            self._log_view_routing()
         if self.val_routing is None:
             return
         # Summed over ranks by the metric (every rank takes part, labelled batches or not).
@@ -185,12 +201,27 @@ class FineTuneModule(pl.LightningModule):
                 self.log(f"val/router_acc_layer/{layer}", acc, rank_zero_only=True)
 
     # ---- logging ----------------------------------------------------------------------------------------
-    def _log_throughput(self, batch: Dict[str, Any]) -> None:
+    def _log_view_routing(self) -> None:
+        """View-router accuracy and macro-F1 (summed over ranks), and its confusion matrix as a TensorBoard image."""
+        result = self.val_view_routing.compute()
+        self.val_view_routing.reset()
+        for key in ("accuracy", "macro_f1"):
+            if result[key] is not None:
+                self.log(f"val/view_router_{'acc' if key == 'accuracy' else key}", result[key], rank_zero_only=True)
+        writer = getattr(self.logger, "experiment", None) if self.logger is not None else None
+        if writer is not None and self.trainer.is_global_zero and result["labelled"]:
+            from mose_lightning.evaluation.plots import view_confusion_figure
+
+            writer.add_figure("views/confusion", view_confusion_figure(result["confusion"], result["classes"]),
+                              self.global_step)
+
+    def _log_throughput(self, batch: Dict[str, Any], out=None) -> None:
         now = time.perf_counter()
         if self._tick is not None:
             dt = max(now - self._tick, 1e-9)
+            mask = batch["attention_mask"] if out is None or out.views is None else out.views.attention_mask
             self.log("perf/samples_per_s", len(batch["meta"]) / dt, batch_size=1)
-            self.log("perf/tokens_per_s", float(batch["attention_mask"].sum()) / dt, batch_size=1)
+            self.log("perf/tokens_per_s", float(mask.sum()) / dt, batch_size=1)
         self._tick = now
 
     def _log_skipped(self, batch: Dict[str, Any], stage: str) -> None:

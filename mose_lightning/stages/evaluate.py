@@ -56,17 +56,48 @@ class GenerationModule(pl.LightningModule):
         generated = self.model.generate(batch, self.cfg.eval.max_new_tokens, route_source=source, shuffle=shuffle)
         texts = decode_new_tokens(self.model, generated.tokens)
         chains = skill_chains(generated.routes, self.model.taxonomy)
+        views = view_records(generated.views, batch["meta"], self.cfg.views) if generated.views is not None else None
         records = []
         for i, meta in enumerate(batch["meta"]):
             if meta.get("pad"):
                 continue
-            records.append({
+            record = {
                 "key": meta["key"], "dataset": meta["dataset"], "task": meta["task"], "question": meta["question"],
                 "reference": meta["answer"], "prediction": texts[i], "category": meta["category"],
                 "skills": meta["skills"], "skill_chain": chains[i] if chains else [],
                 "thumbnail": meta.get("thumbnail"),
-            })
+            }
+            if views is not None:
+                record.update(views[i])
+            records.append(record)
         return {"records": records, "expert_counts": generated.expert_counts}
+
+
+def view_records(routing, metas: List[Dict[str, Any]], views_cfg) -> List[Dict[str, Any]]:
+    """Per sample what view routing chose: the views in the prompt (with their image tokens), every class with the
+    router's probability (highest first), its top-1, the sample's labels and targets, and whether the question
+    needs a view beyond the kept ones. `view_thumbnails` (the shown views' small images) is for the writer."""
+    decision = routing.decision
+    probs = decision.probs.tolist()
+    predicted = decision.predicted.tolist()
+    targets = decision.targets.tolist() if decision.targets is not None else [[] for _ in metas]
+    out = []
+    for i, meta in enumerate(metas):
+        labels = meta.get("view_labels")
+        target_names = [c for c, hot in zip(decision.classes, targets[i]) if hot]
+        choice = sorted(({"view": c, "prob": round(p, 4)} for c, p, ok in
+                         zip(decision.classes, probs[i], decision.available[i].tolist()) if ok),
+                        key=lambda e: -e["prob"])
+        thumbs = meta.get("view_thumbnails") or {}
+        out.append({
+            "views_shown": routing.shown[i], "view_source": decision.source,
+            "image_tokens": int(routing.image_tokens[i]), "view_choice": choice,
+            "view_predicted": decision.classes[predicted[i]], "view_labels": labels,
+            "view_targets": target_names,
+            "needs_other_view": None if labels is None else any(v not in views_cfg.kept for v in labels),
+            "view_thumbnails": {name: thumbs[name] for name in routing.shown[i] if name in thumbs},
+        })
+    return out
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -86,8 +117,18 @@ class PredictionWriter(BasePredictionWriter):
         lines = []
         for record in prediction["records"]:
             thumbnail = record.pop("thumbnail", None)
+            view_thumbnails = record.pop("view_thumbnails", None)
             record["images"] = []
-            if thumbnail is not None:
+            if view_thumbnails:
+                # A view-routed prompt: every view it showed, labelled, in prompt order.
+                (self.parts_dir.parent / "images").mkdir(parents=True, exist_ok=True)
+                record["view_images"] = []
+                for name, thumb in view_thumbnails.items():
+                    rel = f"images/{record['key']}_{name}.jpg"
+                    Image.fromarray(thumb).save(self.parts_dir.parent / rel)
+                    record["view_images"].append({"view": name, "path": rel})
+                    record["images"].append(rel)
+            elif thumbnail is not None:
                 rel = f"images/{record['key']}.jpg"
                 (self.parts_dir.parent / "images").mkdir(parents=True, exist_ok=True)
                 Image.fromarray(thumbnail).save(self.parts_dir.parent / rel)
@@ -114,6 +155,14 @@ def score_records(records: List[Dict[str, Any]], cfg: ExperimentConfig, taxonomy
     routing = routing_scores(records, taxonomy)
     if routing is not None:
         scores["routing"] = routing
+    if cfg.views.enabled:
+        from mose_lightning.evaluation.view_metrics import split_by_view_need, view_scores
+
+        view_routing = view_scores(records, cfg.views.classes)
+        if view_routing is not None:
+            scores["view_routing"] = view_routing
+            scores["local_by_view_need"] = {part: local_scores(subset)["overall"]
+                                            for part, subset in split_by_view_need(records).items() if subset}
     ratings: Dict[str, Any] = {}
     datasets = {r["dataset"] for r in records}
     if "drivelm" in datasets:
@@ -161,6 +210,8 @@ def run_meta(model, cfg: ExperimentConfig, records: List[Dict[str, Any]]) -> Dic
         "activated_params": counts["activated"], "total_params": counts["total"], "seed": cfg.seed,
         "dataset": sorted({r["dataset"] for r in records}), "split": cfg.eval.split, "n_samples": len(records),
         "router_pretrain_accuracy": router_pretrain_accuracy(model), "route_source": cfg.eval.route_source,
+        **({"views": {"names": cfg.views.names, "kept": cfg.views.kept, "top_k": cfg.views.top_k,
+                      "fallback": cfg.views.fallback, "eval_mode": cfg.views.eval_mode}} if cfg.views.enabled else {}),
     }
 
 
@@ -210,6 +261,12 @@ def write_plots(run_dir: Path, records, usage, model) -> List[str]:
     written = []
     if any(r["skill_chain"] for r in records):
         written.append(str(plot_skill_chain_frequency(records, run_dir / "skill_chains.png")))
+    if model.views is not None and any(r.get("view_targets") for r in records):
+        from mose_lightning.evaluation.plots import plot_view_confusion
+        from mose_lightning.evaluation.view_metrics import view_scores
+
+        result = view_scores(records, model.views.classes)
+        written.append(str(plot_view_confusion(result["confusion"], result["classes"], run_dir / "view_confusion.png")))
     if usage is not None:
         labels = [f"L{i}" for i in model.layout.layer_indices][: usage.shape[0]]
         written.append(str(plot_expert_usage(usage.numpy(), labels, run_dir / "expert_usage.png")))
@@ -238,7 +295,11 @@ def run_eval(cfg: ExperimentConfig, model=None) -> Tuple[Path, Dict[str, Any]]:
         skips.clear(run_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     data_cfg = cfg.data
-    datamodule = DriveDataModule(data_cfg, model.adapter, model.processor, model.taxonomy)
+    if model.views is not None:
+        # What evaluation shows is an evaluation setting: this command's views.eval_mode and views.top_k.
+        model.cfg.views = dataclasses.replace(model.cfg.views, eval_mode=cfg.views.eval_mode, top_k=cfg.views.top_k)
+        cfg = dataclasses.replace(cfg, views=model.cfg.views)
+    datamodule = DriveDataModule(data_cfg, model.adapter, model.processor, model.taxonomy, model.cfg.views)
     loader = datamodule.generation_dataloader(cfg.eval.split)
     module = GenerationModule(model, cfg)
     writer = PredictionWriter(parts_dir)
