@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Callable, List
 
 TEMP_SUFFIX = ".tmp"
 
@@ -85,25 +85,43 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> List[str]:
     return removed
 
 
-def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
+def atomic_save(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Have `write(tmp)` write the file into a temporary beside `path` (umask permissions), then rename it into
+    place: readers and resumed runs see the old file or the whole new one, never half of it. Returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(path.parent, path.name)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        write(tmp)
+        os.chmod(tmp, file_mode())  # writers that replace the file (safetensors) create it private
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _write_bytes(data: bytes) -> Callable[[str], None]:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    return write
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save, atomically."""
+    import torch
+
+    return atomic_save(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temporary file in the same folder and rename, so a reader never sees half a file."""
-    _atomic_write(path, text.encode("utf-8"))
+    atomic_save(path, _write_bytes(text.encode("utf-8")))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
@@ -111,4 +129,4 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Non
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    _atomic_write(path, data)
+    atomic_save(path, _write_bytes(data))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -27,7 +26,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from mose_lightning import locks
 from mose_lightning.config import ExperimentConfig, run_dir_for, save_config  # noqa: F401 (run_dir_for: stages)
 from mose_lightning.data import skips
-from mose_lightning.io import atomic_write_json, temp_file
+from mose_lightning.io import atomic_write_json, torch_save
 from mose_lightning.locks import lock_run_dir
 from mose_lightning.moe.routing import SequenceSkillRouter
 from mose_lightning.moe.view_routing import ViewRouter
@@ -46,14 +45,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # A run killed in the middle of a save leaves its temporary file behind; the next save clears it.
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
-        fd, tmp = temp_file(path.parent, path.name)
-        os.close(fd)
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        torch_save(checkpoint, path)
 
 
 def is_global_zero() -> bool:
@@ -206,6 +198,14 @@ def make_trainer(cfg: ExperimentConfig, run_dir: Path, model=None, callbacks: Op
         default_root_dir=str(run_dir),
         enable_model_summary=False,
     )
+
+
+def cached_features_trainer(run_dir: Path, epochs: int) -> pl.Trainer:
+    """The Trainer of a router-pretraining stage: epochs over cached features in one CPU process (the backbone ran
+    once per sample before), the held-out split validated five times along the way, TensorBoard in run_dir/tb."""
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, enable_checkpointing=False,
+                      logger=TensorBoardLogger(str(run_dir), name="tb", version=""), enable_model_summary=False,
+                      num_sanity_val_steps=0, log_every_n_steps=1, check_val_every_n_epoch=max(1, epochs // 5))
 
 
 def resume_path(run_dir: Path) -> Optional[str]:

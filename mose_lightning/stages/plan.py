@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from mose_lightning.checkpoint import load_model, model_dir_of, model_from_config, save_model, saved_tensor_names
 from mose_lightning.config import ConfigError, ExperimentConfig, load_config, run_dir_for
 from mose_lightning.data.planning import PlanningDataModule, PlanStatistics, PlanTargetSpec, check_split, plan_statistics
-from mose_lightning.io import atomic_write_json
+from mose_lightning.io import atomic_save, atomic_write_json
 from mose_lightning.moe.losses import inverse_frequency_alpha
 from mose_lightning.planning.flow_matching import FlowMatching
 from mose_lightning.planning.planner import PlannerHead, PlannerSpec
@@ -253,9 +252,7 @@ def save_planner(planner: PlannerHead, directory: Path, cfg: ExperimentConfig, c
                  stats: PlanStatistics, vlm_dir: Optional[str]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in planner.state_dict().items()}
-    tmp = directory / f".{PLANNER_WEIGHTS}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, directory / PLANNER_WEIGHTS)
+    atomic_save(directory / PLANNER_WEIGHTS, lambda tmp: save_file(state, tmp))
     atomic_write_json(directory / PLANNER_META, {
         "format": 1, "spec": planner.spec.to_dict(), "classes": list(classes), "scenario_labels": cfg.plan.scenario_labels,
         "statistics": stats.to_dict(), "vlm": vlm_dir, "parameters": count_parameters(planner)})

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from mose_lightning.config import ConfigError, ExperimentConfig, resolve_path
 from mose_lightning.data.datamodule import ShardStream
 from mose_lightning.data.planning import PlanningDataModule
+from mose_lightning.io import torch_save
 from mose_lightning.planning.vlm import vlm_features
 from mose_lightning.training import is_global_zero
 
@@ -102,9 +103,7 @@ def cached_features(cfg: ExperimentConfig, model, datamodule: PlanningDataModule
         if is_global_zero():
             print(f"plan: caching the VLM's hidden states of the {split} split in {path}")
         items = compute_features(cfg, model, datamodule, split)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(items, tmp)
-        os.replace(tmp, path)
+        torch_save(items, path)
         return items
 
 

@@ -27,10 +27,10 @@ from tqdm import tqdm
 from mose_lightning.checkpoint import backbone_fingerprint, model_from_config
 from mose_lightning.config import ConfigError, ExperimentConfig, resolve_path
 from mose_lightning.data.datamodule import DriveDataModule
-from mose_lightning.io import atomic_write_json, atomic_write_text
+from mose_lightning.io import atomic_write_json, atomic_write_text, torch_save
 from mose_lightning.model import MoEVisionLanguageModel
 from mose_lightning.surgery import router_state, skill_routers
-from mose_lightning.training import finish_run, is_global_zero, start_run
+from mose_lightning.training import cached_features_trainer, finish_run, is_global_zero, start_run
 
 
 class PooledFeatures:
@@ -105,10 +105,7 @@ def cached_features(model, cfg: ExperimentConfig, datamodule: DriveDataModule, s
     loader = datamodule.loader(datamodule.eval_stream(split, with_answer=False), cfg.data.eval_batch_size, "left")
     limit = cfg.router_pretrain.max_samples if split == "train" else 0
     pooled = extract_pooled_features(model, loader, limit, desc=f"router inputs ({split})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"features": pooled.features, "labels": pooled.labels, "keys": pooled.keys}, tmp)
-    os.replace(tmp, path)
+    torch_save({"features": pooled.features, "labels": pooled.labels, "keys": pooled.keys}, path)
     return pooled
 
 
@@ -235,19 +232,13 @@ def run_router_pretrain(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
     train_loader = DataLoader(TensorDataset(train.features, train.labels), batch_size=r.batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(cfg.seed))
     test_loader = DataLoader(TensorDataset(test.features, test.labels), batch_size=1024)
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    trainer = pl.Trainer(max_epochs=r.epochs, accelerator="cpu", devices=1, logger=TensorBoardLogger(str(run_dir), name="tb", version=""),
-                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         log_every_n_steps=1, check_val_every_n_epoch=max(1, r.epochs // 5))
+    trainer = cached_features_trainer(run_dir, r.epochs)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer.fit(module, train_loader, test_loader)
     # The held-out numbers below come from the routers exactly as saved.
     trainer.validate(module, test_loader, verbose=False)
     state = router_state(model.layout)
-    tmp = run_dir / "routers.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / "routers.pt")
+    torch_save(state, run_dir / "routers.pt")
     confusion, markdown = _confusion_markdown(module, model.taxonomy)
     atomic_write_json(run_dir / "confusion.json", confusion)
     atomic_write_text(run_dir / "confusion.md", markdown)

@@ -29,9 +29,9 @@ from mose_lightning.checkpoint import backbone_fingerprint, model_from_config
 from mose_lightning.config import ConfigError, ExperimentConfig, resolve_path
 from mose_lightning.data.datamodule import DriveDataModule
 from mose_lightning.evaluation.view_metrics import ViewRoutingAccuracy
-from mose_lightning.io import atomic_write_json, atomic_write_text
+from mose_lightning.io import atomic_write_json, atomic_write_text, torch_save
 from mose_lightning.moe.view_routing import ViewDecision, view_router_loss
-from mose_lightning.training import finish_run, is_global_zero, start_run
+from mose_lightning.training import cached_features_trainer, finish_run, is_global_zero, start_run
 from mose_lightning.views import ViewEncoder
 
 
@@ -127,10 +127,7 @@ def cached_inputs(model, cfg: ExperimentConfig, datamodule: DriveDataModule, spl
     loader = datamodule.loader(datamodule.eval_stream(split, with_answer=False, kept_views_only=True),
                                cfg.data.eval_batch_size, "left")
     inputs, encoded = extract_router_inputs(model, loader, desc=f"view router inputs ({split})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(inputs.data, tmp)
-    os.replace(tmp, path)
+    torch_save(inputs.data, path)
     return inputs, encoded
 
 
@@ -221,19 +218,15 @@ def run_view_pretrain(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, object]]:
     train_loader = DataLoader(train, batch_size=p.batch_size, shuffle=True, collate_fn=collate_inputs,
                               generator=torch.Generator().manual_seed(cfg.seed))
     test_loader = DataLoader(test, batch_size=256, collate_fn=collate_inputs)
-    from lightning.pytorch.loggers import TensorBoardLogger
 
-    trainer = pl.Trainer(max_epochs=p.epochs, accelerator="cpu", devices=1, enable_checkpointing=False,
-                         logger=TensorBoardLogger(str(run_dir), name="tb", version=""), enable_model_summary=False,
-                         num_sanity_val_steps=0, log_every_n_steps=1, check_val_every_n_epoch=max(1, p.epochs // 5))
+    trainer = cached_features_trainer(run_dir, p.epochs)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer.fit(module, train_loader, test_loader)
     views.eval()
     trainer.validate(module, test_loader, verbose=False)  # the held-out numbers of the router as saved
     result = module.final
-    tmp = run_dir / "view_router.pt.tmp"
-    torch.save({"router": views.router.state_dict(), "classes": views.classes, "class_alpha": views.class_alpha}, tmp)
-    os.replace(tmp, run_dir / "view_router.pt")
+    torch_save({"router": views.router.state_dict(), "classes": views.classes, "class_alpha": views.class_alpha},
+               run_dir / "view_router.pt")
     atomic_write_json(run_dir / "confusion.json", {"classes": result["classes"], "matrix": result["confusion"],
                                                    "per_class": result["per_class"]})
     atomic_write_text(run_dir / "confusion.md", confusion_markdown(result))
