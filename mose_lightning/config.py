@@ -15,10 +15,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Literal, Optional, Sequence
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mose_lightning.io import atomic_write_text
@@ -102,8 +102,8 @@ class BackboneConfig:
     toy_dir: str = "artifacts/toy_backbone"
     toy: ToyBackboneConfig = field(default_factory=ToyBackboneConfig)
     # float32 | bfloat16 | float16: dtype the frozen weights are loaded in.
-    dtype: str = "float32"
-    attn_implementation: str = "sdpa"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     # Optional checkpoint (a directory written by mose_lightning.checkpoint) whose backbone weights replace the
     # fresh ones, e.g. the toy backbone after a brief dense instruction tuning.
     init_checkpoint: Optional[str] = None
@@ -116,14 +116,12 @@ class BackboneConfig:
         from mose_lightning.backbones import ADAPTERS, TOY
 
         _choice("backbone", "name", self.name, sorted(ADAPTERS) + [TOY])
-        _choice("backbone", "dtype", self.dtype, ["float32", "bfloat16", "float16"])
-        _choice("backbone", "attn_implementation", self.attn_implementation, ["eager", "sdpa", "flash_attention_2"])
 
 
 @dataclass
 class MoEConfig:
     # dense | topk | mose | expert_group: the four model variants of the paper's Table 1.
-    kind: str = "mose"
+    kind: Literal["dense", "topk", "mose", "expert_group"] = "mose"
     # Which decoder layers get an MoE block: "even" (0, 2, ...), "odd", "all", or an explicit list like "0,4,8".
     layers: str = "even"
     # Consecutive MoE layers per hierarchy level (perception, prediction, planning); must sum to the layer count.
@@ -138,7 +136,7 @@ class MoEConfig:
     #   weighted: shared_weight * shared(x) + (1 - shared_weight) * expert(x); experts are copies of the dense FFN,
     #             so at initialisation the block computes the dense function exactly.
     #   sum:      shared(x) + expert(x) with the routed experts' down projection starting at zero (a zero delta).
-    combine: str = "weighted"
+    combine: Literal["weighted", "sum"] = "weighted"
     shared_weight: float = 0.5
     # MoSE training: route by the sample's skill labels instead of the router's choice (where a sample has them).
     # Evaluation always routes by the routers.
@@ -155,7 +153,7 @@ class MoEConfig:
     #                    layers shifts it away from what the routers were pretrained on);
     #   first_moe_layer: every router reads T_mean entering the first MoSE layer (no extra cost; nothing before
     #                    that layer trains, but the features are shallower).
-    router_input: str = "frozen_backbone"
+    router_input: Literal["own_layer", "first_moe_layer", "frozen_backbone"] = "frozen_backbone"
     # Learning rate of the skill routers when they train during SFT (0: optim.lr).
     router_lr: float = 0.0
     # While fine-tuning, each router's input standardisation follows the training batches' mean (an exponential
@@ -167,17 +165,11 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     # auto | grouped_mm | loop: expert matmul dispatch. auto takes the per-expert loop, and grouped_mm on CUDA bf16
     # SM90+ for more than 8 experts (see mose_lightning/moe/experts.py for the measurements).
-    dispatch: str = "auto"
-    # Group size for expert_group (one expert for image tokens, one for text tokens).
-    group_size: int = 2
+    dispatch: Literal["auto", "grouped_mm", "loop"] = "auto"
     # Extra parameters to train besides the MoE blocks: fnmatch patterns over parameter names.
     extra_trainable: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _choice("moe", "kind", self.kind, ["dense", "topk", "mose", "expert_group"])
-        _choice("moe", "combine", self.combine, ["weighted", "sum"])
-        _choice("moe", "dispatch", self.dispatch, ["auto", "grouped_mm", "loop"])
-        _choice("moe", "router_input", self.router_input, ["own_layer", "first_moe_layer", "frozen_backbone"])
         _positive("moe", "router_skill_loss", self.router_skill_loss, allow_zero=True)
         _positive("moe", "router_lr", self.router_lr, allow_zero=True)
         if not 0.0 <= self.router_recentre_momentum < 1.0:
@@ -190,8 +182,6 @@ class MoEConfig:
             raise ConfigError(f"moe.num_experts: expected >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"moe.top_k: expected 1 <= top_k <= num_experts ({self.num_experts}), got {self.top_k}")
-        if self.group_size != 2:
-            raise ConfigError(f"moe.group_size: only 2 (image expert + text expert) is supported, got {self.group_size}")
         _positive("moe", "aux_loss_coef", self.aux_loss_coef, allow_zero=True)
         _positive("moe", "z_loss_coef", self.z_loss_coef, allow_zero=True)
         if any(n <= 0 for n in self.level_allocation):
@@ -220,10 +210,9 @@ class SyntheticConfig:
     trajectories: bool = False
     # Question family (data_recipes/synthetic.py): driving (the CODA-LM-style tasks, annotated with skills) or
     # perception (what is where in the same scenes, no skills; the miniature's backbone preparation).
-    family: str = "driving"
+    family: Literal["driving", "perception"] = "driving"
 
     def __post_init__(self) -> None:
-        _choice("data.synthetic", "family", self.family, ["driving", "perception"])
         for key in ("num_train", "num_val", "num_test"):
             _at_least("data.synthetic", key, getattr(self, key), 0)
         if self.image_width < 64 or self.image_height < 36:
@@ -245,7 +234,7 @@ class DataConfig:
     max_length: int = 2048
     # skip: drop and count the sample | truncate_prompt: cut question text tokens from the left (never the
     # answer, never image tokens) until it fits, counted.
-    overlong: str = "skip"
+    overlong: Literal["skip", "truncate_prompt"] = "skip"
     batch_size: int = 4
     eval_batch_size: int = 8
     num_workers: int = 0
@@ -262,12 +251,10 @@ class DataConfig:
     system_prompt: str = "You are a careful driving assistant."
     # Check each shard's sha256 against its manifest before reading it: eval (validation, evaluation and router
     # inputs) | always (training too) | never. Sample counts are always checked.
-    verify_checksums: str = "eval"
+    verify_checksums: Literal["eval", "always", "never"] = "eval"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
-        _choice("data", "overlong", self.overlong, ["skip", "truncate_prompt"])
-        _choice("data", "verify_checksums", self.verify_checksums, ["eval", "always", "never"])
         for key in ("image_width", "image_height", "max_length", "batch_size", "eval_batch_size"):
             _positive("data", key, getattr(self, key))
         for key in ("num_workers", "shuffle_buffer", "samples_per_epoch", "train_limit"):
@@ -276,19 +263,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    # adamw only for now; paper-like defaults.
-    name: str = "adamw"
+    # AdamW (the paper's), with a warm-up and a schedule.
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     # cosine | constant | linear, after a linear warm-up.
-    scheduler: str = "cosine"
+    scheduler: Literal["cosine", "constant", "linear"] = "cosine"
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _choice("optim", "name", self.name, ["adamw"])
-        _choice("optim", "scheduler", self.scheduler, ["cosine", "constant", "linear"])
         _positive("optim", "lr", self.lr)
         _positive("optim", "weight_decay", self.weight_decay, allow_zero=True)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -299,11 +283,11 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "auto"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
     devices: str = "1"
     num_nodes: int = 1
     # auto | ddp | ddp_spawn | fsdp | deepspeed is not supported on purpose (see README).
-    strategy: str = "auto"
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp", "single_device"] = "auto"
     # 32-true | bf16-mixed | 16-mixed | bf16-true
     precision: str = "32-true"
     max_steps: int = 200
@@ -315,7 +299,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 50
     activation_checkpointing: bool = False
     # stop | skip: what a non-finite loss does.
-    nonfinite: str = "stop"
+    nonfinite: Literal["stop", "skip"] = "stop"
     seed: int = 0
     # torch intra-op threads per process; 0 keeps torch's default. Tiny models (the toy) run faster on one thread.
     num_threads: int = 0
@@ -325,11 +309,8 @@ class TrainerConfig:
     cpu_allocator_tuning: bool = True
 
     def __post_init__(self) -> None:
-        _choice("trainer", "accelerator", self.accelerator, ["auto", "cpu", "gpu", "cuda", "mps", "tpu"])
         _devices(self.devices)
-        _choice("trainer", "strategy", self.strategy, ["auto", "ddp", "ddp_spawn", "fsdp", "single_device"])
         _choice("trainer", "precision", self.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"])
-        _choice("trainer", "nonfinite", self.nonfinite, ["stop", "skip"])
         _positive("trainer", "max_steps", self.max_steps)
         for key in ("num_nodes", "accumulate_grad_batches", "log_every_n_steps", "val_every_n_steps",
                     "checkpoint_every_n_steps"):
@@ -416,7 +397,7 @@ class JudgeConfig:
 @dataclass
 class AnnotateConfig:
     # rule | gpt
-    annotator: str = "rule"
+    annotator: Literal["rule", "gpt"] = "rule"
     client: LLMClientConfig = field(default_factory=LLMClientConfig)
     use_image: bool = False
     # Annotate only this many samples (sampled with `seed`); 0: all.
@@ -439,14 +420,13 @@ class AnnotateConfig:
     )
 
     def __post_init__(self) -> None:
-        _choice("annotate", "annotator", self.annotator, ["rule", "gpt"])
         _at_least("annotate", "sample", self.sample, 0)
 
 
 @dataclass
 class EvalConfig:
     # Which shards to evaluate: test (data.test_shards) or val.
-    split: str = "test"
+    split: Literal["test", "val"] = "test"
     max_new_tokens: int = 128
     batch_size: int = 8
     # Cap on evaluated samples (0: all), for quick looks.
@@ -460,12 +440,10 @@ class EvalConfig:
     # What picks the skill experts while generating (MoSE, expert groups): router (the model's own routing),
     # labels (oracle routing: the samples' skill labels), shuffled (a control: each sample takes the routes of
     # another sample of its batch, a seeded derangement: the same route frequencies, the wrong samples' skills).
-    route_source: str = "router"
+    route_source: Literal["router", "labels", "shuffled"] = "router"
     shuffle_seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("eval", "split", self.split, ["test", "val"])
-        _choice("eval", "route_source", self.route_source, ["router", "labels", "shuffled"])
         _at_least("eval", "max_new_tokens", self.max_new_tokens, 1)
         _at_least("eval", "batch_size", self.batch_size, 1)
         for key in ("limit", "html_samples"):
@@ -483,7 +461,7 @@ class PlanConfig:
     # dense: no MoE (Drive-pi0 style) | token: every horizon token routes itself | trajectory: the token logits
     # averaged over the horizon, one expert set per trajectory for every MoE layer (DriveMoE) | mose_chain: the
     # expert is the planning-level skill the MoSE routers decided on the prompt (top-1, no planner router).
-    routing: str = "trajectory"
+    routing: Literal["dense", "token", "trajectory", "mose_chain"] = "trajectory"
     # Future waypoints (ego frame, metres) at `rate_hz`; nuScenes open loop: 6 at 2 Hz (3 s).
     horizon: int = 6
     rate_hz: float = 2.0
@@ -496,14 +474,14 @@ class PlanConfig:
     intermediate_size: int = 4096
     num_layers: int = 18
     num_heads: int = 8
-    activation: str = "silu"
+    activation: Literal["silu", "gelu", "gelu_pytorch_tanh", "relu"] = "silu"
     # The last `moe_layers` layers carry a shared expert + `num_experts` skill experts, `top_k` per token.
     moe_layers: int = 4
     num_experts: int = 7
     top_k: int = 3
     # Router supervision: drivemoe = the seven DriveMoE scenario classes of `planning.scenario`; planning_skill =
     # the skills of the taxonomy's `chain_level` level (`skills` of the sample). One class per expert.
-    scenario_labels: str = "drivemoe"
+    scenario_labels: Literal["drivemoe", "planning_skill"] = "drivemoe"
     chain_level: str = "planning"
     # Focal loss on the router logits (alpha = normalised inverse training-set class frequency).
     router_loss_coef: float = 5.0
@@ -523,7 +501,7 @@ class PlanConfig:
     cache_dir: str = "artifacts/plan_cache"
     # Action normalisation to [-1, 1] by training-set percentiles: per_dim (x and y over all steps, DriveMoE) or
     # per_step (every waypoint's x and y on their own).
-    normalization: str = "per_dim"
+    normalization: Literal["per_dim", "per_step"] = "per_dim"
     percentiles: List[float] = field(default_factory=lambda: [1.0, 99.0])
     # Flow matching (pi0): x_t = (1 - (1 - sigma_min) t) noise + t action, t = t_max (1 - z), z ~ Beta(a, b).
     sigma_min: float = 0.001
@@ -537,10 +515,6 @@ class PlanConfig:
     eval_seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("plan", "routing", self.routing, ["dense", "token", "trajectory", "mose_chain"])
-        _choice("plan", "scenario_labels", self.scenario_labels, ["drivemoe", "planning_skill"])
-        _choice("plan", "normalization", self.normalization, ["per_dim", "per_step"])
-        _choice("plan", "activation", self.activation, ["silu", "gelu", "gelu_pytorch_tanh", "relu"])
         for key in ("horizon", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_experts",
                     "euler_steps", "rate_hz"):
             _positive("plan", key, getattr(self, key))
@@ -618,13 +592,13 @@ class ViewsConfig:
     fallback: str = VIEW_NONE
     # How the prompt tells the views apart: embedding (a learned vector added to a candidate view's tokens,
     # zero at start) | name (the camera name as text before each image) | both | none.
-    marker: str = "embedding"
+    marker: Literal["embedding", "name", "both", "none"] = "embedding"
     # Which candidates a training forward shows: teacher_forcing (the labelled ones; DriveMoE stage 1) | gumbel
     # (every candidate encoded, hard Gumbel-softmax top-k with straight-through gradients; stage 2) | router
     # (the router's top-k, no gradient through the choice).
-    train_mode: str = "teacher_forcing"
+    train_mode: Literal["teacher_forcing", "gumbel", "router"] = "teacher_forcing"
     # What evaluation shows: routed (the router's top-k, only those encoded) | all | kept | labels (oracle).
-    eval_mode: str = "routed"
+    eval_mode: Literal["routed", "all", "kept", "labels"] = "routed"
     # Teacher forcing: each other available candidate is also shown with this probability, so the language model
     # learns to find the view that matters among several (and all-views prompts stay in its training distribution).
     extra_view_prob: float = 0.0
@@ -632,7 +606,7 @@ class ViewsConfig:
     loss_coef: float = 1.0
     focal_gamma: float = 2.0
     # Focal loss alpha: inverse_frequency (of the training set's labels, DriveMoE) | uniform.
-    class_weights: str = "inverse_frequency"
+    class_weights: Literal["inverse_frequency", "uniform"] = "inverse_frequency"
     gumbel_tau: float = 1.0
     router_heads: int = 8
     # Width of the router's MLP head (0: hidden_size // 2, as DriveMoE).
@@ -671,10 +645,6 @@ class ViewsConfig:
         if not 1 <= self.top_k <= len(self.candidates):
             raise ConfigError(f"views.top_k: expected 1 <= top_k <= {len(self.candidates)} (the candidate views "
                               f"{self.candidates}), got {self.top_k}")
-        _choice("views", "marker", self.marker, ["embedding", "name", "both", "none"])
-        _choice("views", "train_mode", self.train_mode, ["teacher_forcing", "gumbel", "router"])
-        _choice("views", "eval_mode", self.eval_mode, ["routed", "all", "kept", "labels"])
-        _choice("views", "class_weights", self.class_weights, ["inverse_frequency", "uniform"])
         if not 0.0 <= self.extra_view_prob <= 1.0:
             raise ConfigError(f"views.extra_view_prob: expected a probability in [0, 1], got {self.extra_view_prob!r}")
         _positive("views", "loss_coef", self.loss_coef, allow_zero=True)
@@ -739,6 +709,21 @@ def _describe(err: OmegaConfBaseException) -> str:
     return msg
 
 
+# Keys that configs written by earlier versions hold (saved runs' config.yaml) and that no longer vary: dropped when
+# such a file is read, with their only possible value.
+RETIRED_KEYS = {("moe", "group_size"): 2, ("optim", "name"): "adamw"}
+
+
+def _drop_retired(layer: Any, source: str) -> Any:
+    for (section, key), only in RETIRED_KEYS.items():
+        node = layer.get(section) if isinstance(layer, DictConfig) else None
+        if isinstance(node, DictConfig) and key in node:
+            if node[key] != only:
+                raise ConfigError(f"{source}: {section}.{key}: no longer a setting (always {only!r}), got {node[key]!r}")
+            del node[key]
+    return layer
+
+
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Schema defaults <- YAML file (with its `base` chain) <- `key=value` overrides, validated."""
     schema = OmegaConf.structured(ExperimentConfig)
@@ -746,7 +731,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
     source = "defaults"
     if path is not None:
         source = str(path)
-        layers.append(_read_yaml_with_bases(Path(path).resolve()))
+        layers.append(_drop_retired(_read_yaml_with_bases(Path(path).resolve()), source))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override {bad[0]!r}: expected key=value")

@@ -55,3 +55,13 @@ def test_the_command_line_prints_a_config_error_as_one_line(capsys, command):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: ") and "trainer.devices: expected" in err and "'abc'" in err
+
+
+def test_a_saved_config_with_retired_keys_loads_and_a_value_they_never_had_is_an_error(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("moe:\n  group_size: 2\n  num_experts: 6\noptim:\n  name: adamw\n")
+    cfg = load_config(path)
+    assert cfg.moe.num_experts == 6 and not hasattr(cfg.moe, "group_size") and not hasattr(cfg.optim, "name")
+    path.write_text("optim:\n  name: sgd\n")
+    with pytest.raises(ConfigError, match=r"optim\.name: no longer a setting \(always 'adamw'\), got 'sgd'"):
+        load_config(path)

@@ -388,7 +388,7 @@ def test_loading_a_directory_without_weights_is_a_clear_error(saved, tmp_path):
         ("no_section.key=1", r"no_section"),
         ("moe.num_experts=many", r"moe\.num_experts"),
         ("data.batch_size=1.5", r"data\.batch_size"),
-        ("moe.kind=sparse", r"moe\.kind: expected one of \['dense', 'topk', 'mose', 'expert_group'\], got 'sparse'"),
+        ("moe.kind=sparse", r"key `moe\.kind`: Invalid value 'sparse', expected one of \['dense', 'topk', 'mose', 'expert_group'\]"),
         ("moe.combine=mean", r"moe\.combine"),
         ("data.overlong=crop", r"data\.overlong"),
         ("moe.top_k=5", r"moe\.top_k"),
