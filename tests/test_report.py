@@ -1,6 +1,5 @@
 """Results files, run comparison, plots and the HTML report."""
 
-import json
 import math
 from html.parser import HTMLParser
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from data_recipes import drivelm, synthetic
-from data_recipes.view_labels import CAMERAS, derive_cameras, direction_cameras, label_views
+from data_recipes.view_labels import derive_cameras, direction_cameras, label_views
 from mose_lightning.config import ConfigError, load_config
 from mose_lightning.data.sample import Sample, SampleError, validate
 from mose_lightning.moe.losses import focal_loss, inverse_frequency_alpha

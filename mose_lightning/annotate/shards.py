@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 from mose_lightning.annotate.gpt import annotate_gpt, select_subset
 from mose_lightning.annotate.rules import annotate_rule
