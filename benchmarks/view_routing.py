@@ -124,7 +124,7 @@ def _trained(args, work: Path, seed: int, data: Path):
     extra = [f"run_dir={run_dir}"] + (["trainer.max_steps=2", "trainer.val_every_n_steps=2", "data.batch_size=4",
                                        "backbone.init_checkpoint=null"] if args.tiny else [])
     cfg = _config(args, work, seed, data, extra)
-    pipeline.prepare(cfg, "sft")  # the toy's instruction tuning, when the config starts from it and it is missing
+    cfg = pipeline.prepare(cfg, "sft")  # the toy's instruction tuning, when the config starts from it and it is missing
     if not (run_dir / "model" / "weights.safetensors").is_file():
         log(f"[{NAME}] training seed {seed} ({cfg.trainer.max_steps} steps) -> {run_dir}")
         start = time.perf_counter()

@@ -108,7 +108,7 @@ def run_stage_command(stage: str, config: str, overrides: List[str]):
     from mose_lightning import pipeline
 
     with _one_rank_at_a_time(cfg):
-        pipeline.prepare(cfg, prepared_as)
+        cfg = pipeline.prepare(cfg, prepared_as)
     run = getattr(importlib.import_module(module_name), function)
     run_dir, metrics = run(cfg)
     from mose_lightning.training import is_global_zero

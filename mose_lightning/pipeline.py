@@ -150,19 +150,22 @@ def ensure_trained_model(cfg: ExperimentConfig, kind_for_source: str = "") -> No
     model_dir = run_dir_for(source, stage) / "model"
     if not (model_dir / "weights.safetensors").is_file():
         print(f"[toy] training {source.name} first ({model_dir.parent})")
-        prepare(source, stage)
+        source = prepare(source, stage)
         (run_expert_group if stage == "expert_group" else run_sft)(source)
     cfg.init_from = str(model_dir)
 
 
-def prepare(cfg: ExperimentConfig, stage: str) -> None:
-    """Create what `stage` needs on the toy default."""
+def prepare(cfg: ExperimentConfig, stage: str) -> ExperimentConfig:
+    """What `stage` needs on the toy default, created where missing: returns the config with the shard lists, the
+    router checkpoint and the trained model filled in (the given config is left as it is). Other configs come
+    back unchanged: with a real backbone a missing input is the stage's error to report."""
+    cfg = copy.deepcopy(cfg)
     ensure_synthetic_views(cfg)
     ensure_synthetic_data(cfg)
     if stage == "eval" and cfg.init_from:
         # A saved model is rebuilt from its own config (backbone included): the eval config's toy backbone and
         # its instruction tuning play no part.
-        return
+        return cfg
     ensure_toy_backbone(cfg)
     if stage == "sft":
         ensure_router_checkpoint(cfg)
@@ -174,3 +177,4 @@ def prepare(cfg: ExperimentConfig, stage: str) -> None:
         # The planner reads the toy MoSE model itself: upcycled experts compute the instruction-tuned function,
         # and the pretrained routers give the skill chain that plan.routing=mose_chain follows.
         ensure_router_checkpoint(cfg)
+    return cfg

@@ -128,7 +128,7 @@ def run_plan_compare(overrides: Sequence[str] = (), seeds: Sequence[int] = (0, 1
             _banner(f"{label}, seed {seed}")
             cfg = load_config(EXPERIMENTS / f"{name}.yaml", [f"seed={seed}", f"trainer.seed={seed}",
                                                               f"plan.eval_seed={seed}", f"run_dir={run}", *overrides])
-            pipeline.prepare(cfg, "plan")
+            cfg = pipeline.prepare(cfg, "plan")
             if vlm is None or _vlm_identity(cfg) != vlm_key:
                 vlm, vlm_key = build_vlm(cfg), _vlm_identity(cfg)
             run_plan(cfg, model=vlm)

@@ -350,9 +350,9 @@ def run_plan_eval(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, Any]]:
         param.requires_grad_(False)
     # The trained run's planner settings, with this command's evaluation settings (sampling seed, Euler steps,
     # latency samples, rare-class threshold); the VLM is only read.
-    cfg.plan = dataclasses.replace(trained.plan, train_vlm=False, lm_loss_coef=0.0, cache_features=False,
-                                   eval_seed=cfg.plan.eval_seed, euler_steps=cfg.plan.euler_steps,
-                                   latency_samples=cfg.plan.latency_samples, rare_below=cfg.plan.rare_below)
+    cfg = dataclasses.replace(cfg, plan=dataclasses.replace(
+        trained.plan, train_vlm=False, lm_loss_coef=0.0, cache_features=False, eval_seed=cfg.plan.eval_seed,
+        euler_steps=cfg.plan.euler_steps, latency_samples=cfg.plan.latency_samples, rare_below=cfg.plan.rare_below))
     run_dir = run_dir_for(cfg, "plan_eval")
     datamodule = PlanningDataModule(cfg, model.adapter, model.processor, model.taxonomy)
     module = PlanModule(planner, model, cfg, meta["classes"])

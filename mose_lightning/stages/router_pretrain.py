@@ -12,6 +12,7 @@ router/acc/<level> and router/acc/mean on the held-out split, confusion.json and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -208,7 +209,7 @@ def run_router_pretrain(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, float]]:
     if cfg.moe.kind != "mose":
         raise ConfigError(f"router pretraining trains MoSE routers: expected moe.kind=mose, got {cfg.moe.kind!r}")
     run_dir = start_run(cfg, "pretrain_router")
-    cfg.moe.router_checkpoint = None
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router_checkpoint=None))  # these are trained here
     # Seeded before the build: the routers' initial weights are drawn there.
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = model_from_config(cfg, load_routers=False)

@@ -13,6 +13,7 @@ confusion.png.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -195,7 +196,7 @@ def run_view_pretrain(cfg: ExperimentConfig) -> Tuple[Path, Dict[str, object]]:
     if not cfg.views.enabled:
         raise ConfigError("view router pretraining needs views.enabled=true")
     run_dir = start_run(cfg, "pretrain_view_router")
-    cfg.views.router_checkpoint = None
+    cfg = dataclasses.replace(cfg, views=dataclasses.replace(cfg.views, router_checkpoint=None))  # trained here
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the router's initial weights are drawn in the build
     model = model_from_config(cfg, load_routers=False)
     datamodule = DriveDataModule(cfg.data, model.adapter, model.processor, model.taxonomy, cfg.views)
