@@ -18,7 +18,6 @@ the command line, or MOSE_DEBUG=1) shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import importlib
 import json
 import os
@@ -73,14 +72,10 @@ def _quiet_known_warnings() -> None:
 def _one_rank_at_a_time(cfg):
     """Serialise the toy pipeline's preparation across the processes a launcher started, so that two ranks never
     generate the same data or train the same routers at once: the first does the work, the others find it done."""
-    lock_dir = Path(cfg.data.synthetic.out_dir).parent
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / ".prepare.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    from mose_lightning.locks import taking_turns
+
+    with taking_turns(Path(cfg.data.synthetic.out_dir).parent / ".prepare.lock"):
+        yield
 
 
 def apply_cpu_training_settings(cfg) -> None:

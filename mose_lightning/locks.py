@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -197,6 +198,20 @@ class folder_lock:
     def __exit__(self, *exc) -> None:
         if self._acquired:
             release(self.folder)
+
+
+@contextmanager
+def taking_turns(lock_file: str | os.PathLike):
+    """Wait until no other process holds `lock_file`, hold it for the block: for work that several processes may
+    each find missing (a cache, the toy's preparation), which the first does and the others then find done."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def lock_run_dir(run_dir: str | os.PathLike, stage: str) -> None:

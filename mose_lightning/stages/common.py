@@ -57,6 +57,20 @@ def backbone_tensors(lightning_state: Dict[str, torch.Tensor]) -> Dict[str, torc
     return {k[n:]: v for k, v in lightning_state.items() if k.startswith(BACKBONE_PREFIX)}
 
 
+def finite_or_skip(module: pl.LightningModule, loss: torch.Tensor, batch: Dict[str, Any], params, what: str):
+    """The training step's loss, or for a non-finite one per trainer.nonfinite: stop naming the step and the batch's
+    sample keys, or skip the batch with a zero loss that still touches every trainable parameter (which keeps DDP's
+    gradient buckets in step)."""
+    if torch.isfinite(loss):
+        return loss
+    keys = [m["key"] for m in batch["meta"]]
+    message = f"non-finite {what} {loss.item()} at step {module.global_step}, batch keys {keys}"
+    if module.cfg.trainer.nonfinite == "stop":
+        raise NonFiniteLoss(message + " (trainer.nonfinite=skip skips such batches instead)")
+    module.print(f"skipping batch: {message}")
+    return sum(p.sum() * 0.0 for p in params if p.requires_grad)
+
+
 class FineTuneModule(pl.LightningModule):
     """Autoregressive loss on answer tokens (+ MoE aux losses); trains what the surgery left trainable.
 
@@ -129,15 +143,7 @@ class FineTuneModule(pl.LightningModule):
 
     # ---- steps ------------------------------------------------------------------------------------------
     def _check_finite(self, loss: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
-        if torch.isfinite(loss):
-            return loss
-        keys = [m["key"] for m in batch["meta"]]
-        message = f"non-finite loss {loss.item()} at step {self.global_step}, batch keys {keys}"
-        if self.cfg.trainer.nonfinite == "stop":
-            raise NonFiniteLoss(message + " (trainer.nonfinite=skip skips such batches instead)")
-        self.print(f"skipping batch: {message}")
-        # A zero loss that still touches every trainable parameter keeps DDP's gradient buckets in step.
-        return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+        return finite_or_skip(self, loss, batch, self.model.parameters(), "loss")
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
         out = self.model(batch, route_source="labels" if self.cfg.moe.teacher_forcing else "router",

@@ -33,7 +33,7 @@ from mose_lightning.moe.losses import inverse_frequency_alpha
 from mose_lightning.planning.flow_matching import FlowMatching
 from mose_lightning.planning.planner import PlannerHead, PlannerSpec
 from mose_lightning.planning.vlm import VLMFeatures, vlm_features
-from mose_lightning.stages.common import NonFiniteLoss, build_optimizer
+from mose_lightning.stages.common import build_optimizer, finite_or_skip
 from mose_lightning.stages.plan_eval import evaluate_planner, headline, noise_for
 from mose_lightning.stages.plan_features import CachedPlanData, cached_features
 from mose_lightning.training import apply_threads, finish_run, make_trainer, resume_path, scalar_metrics, start_run
@@ -154,14 +154,7 @@ class PlanModule(pl.LightningModule):
         return total, losses
 
     def _check_finite(self, loss: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
-        if torch.isfinite(loss):
-            return loss
-        keys = [m["key"] for m in batch["meta"]]
-        message = f"non-finite planner loss {loss.item()} at step {self.global_step}, batch keys {keys}"
-        if self.cfg.trainer.nonfinite == "stop":
-            raise NonFiniteLoss(message + " (trainer.nonfinite=skip skips such batches instead)")
-        self.print(f"skipping batch: {message}")
-        return sum(param.sum() * 0.0 for param in self.parameters() if param.requires_grad)
+        return finite_or_skip(self, loss, batch, self.parameters(), "planner loss")
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
         raw, losses = self._losses(batch)

@@ -3,11 +3,9 @@ hidden states (one forward per sample, shared by the DDP ranks and by the runs o
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -19,6 +17,7 @@ from mose_lightning.config import ConfigError, ExperimentConfig, resolve_path
 from mose_lightning.data.datamodule import ShardStream
 from mose_lightning.data.planning import PlanningDataModule
 from mose_lightning.io import torch_save
+from mose_lightning.locks import taking_turns
 from mose_lightning.planning.vlm import vlm_features
 from mose_lightning.training import is_global_zero
 
@@ -27,17 +26,6 @@ PLAN_KEYS = ("plan_trajectory", "plan_valid", "plan_state", "plan_scenario")
 
 def to_device(batch: Dict[str, Any], device) -> Dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _model_identity(model) -> str:
@@ -97,7 +85,7 @@ def cached_features(cfg: ExperimentConfig, model, datamodule: PlanningDataModule
     process computes, others (DDP ranks, later runs of a comparison) read it."""
     info = datamodule.split_info(split)
     path = _cache_file(cfg, model, split, info.shards)
-    with _file_lock(path):
+    with taking_turns(path.with_name(path.name + ".lock")):
         if path.is_file():
             return torch.load(path, map_location="cpu", weights_only=False)
         if is_global_zero():
