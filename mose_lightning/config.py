@@ -69,8 +69,8 @@ def _devices(value: str) -> None:
 class ToyBackboneConfig:
     """Architecture of the tiny randomly initialised backbone used on CPU (the real model's class)."""
 
-    # The family the toy is a copy of: qwen2_vl | qwen2_5_vl | qwen3_vl | paligemma | internvl | smolvlm.
-    of: str = "qwen2_vl"
+    # The family the toy is a copy of (every adapter with toy_tokens: tests check the list against them).
+    of: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "internvl", "smolvlm"] = "qwen2_vl"
     hidden_size: int = 64
     intermediate_size: int = 128
     num_layers: int = 4
@@ -83,16 +83,12 @@ class ToyBackboneConfig:
     mrope_section: List[int] = field(default_factory=lambda: [2, 3, 3])
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        from mose_lightning.backbones import ADAPTERS
-
-        _choice("backbone.toy", "of", self.of, sorted(n for n, a in ADAPTERS.items() if a.toy_tokens is not None))
-
 
 @dataclass
 class BackboneConfig:
-    # qwen2_vl | qwen2_5_vl | qwen3_vl | paligemma | internvl | smolvlm | llava | toy (a tiny copy of `toy.of`)
-    name: str = "toy"
+    # An adapter of mose_lightning/backbones (tests check the list against them), or toy: a tiny copy of `toy.of`.
+    # Listed here rather than read from the adapters so that reading a config never imports torch.
+    name: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "internvl", "smolvlm", "llava", "toy"] = "toy"
     # Local directory with weights, config and processor (all but toy). Never a hub id: nothing is downloaded.
     path: Optional[str] = None
     # A transformers config JSON with the architecture only, used to build the model on the meta device
@@ -110,12 +106,6 @@ class BackboneConfig:
     # Toy only: the experiment config whose dense run creates init_checkpoint when it is missing (empty:
     # configs/experiment/toy_instruct.yaml, instruction tuning on the driving tasks themselves).
     init_config: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        # Imported here: the adapters import this module.
-        from mose_lightning.backbones import ADAPTERS, TOY
-
-        _choice("backbone", "name", self.name, sorted(ADAPTERS) + [TOY])
 
 
 @dataclass

@@ -488,6 +488,18 @@ def test_backbone_yamls_are_valid():
 def test_toy_of_an_unknown_family_names_the_key():
     from mose_lightning.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"backbone\.toy\.of: expected one of \[.*'paligemma'.*\], got 'gpt5'"):
+    with pytest.raises(ConfigError, match=r"key `backbone\.toy\.of`: Invalid value 'gpt5', expected one of \[.*'paligemma'.*\]"):
         load_config(PROJECT_ROOT / "configs" / "experiment" / "toy_mose.yaml", ["backbone.toy.of=gpt5"])
+
+
+def test_the_configs_backbone_names_are_the_adapters():
+    import typing
+
+    from mose_lightning.backbones import ADAPTERS, TOY
+    from mose_lightning.config import BackboneConfig, ToyBackboneConfig
+
+    names = typing.get_args(typing.get_type_hints(BackboneConfig)["name"])
+    assert sorted(names) == sorted(list(ADAPTERS) + [TOY])
+    toys = typing.get_args(typing.get_type_hints(ToyBackboneConfig)["of"])
+    assert sorted(toys) == sorted(n for n, a in ADAPTERS.items() if a.toy_tokens is not None)
 

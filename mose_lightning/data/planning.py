@@ -143,8 +143,8 @@ class PlanningDataModule(DriveDataModule):
         self.spec = PlanTargetSpec.from_config(cfg, taxonomy)
         self.with_answers = cfg.plan.train_vlm and cfg.plan.lm_loss_coef > 0
 
-    def encoder(self, with_answer: bool) -> PlanningEncoder:
-        return PlanningEncoder(super().encoder(with_answer and self.with_answers), self.spec)
+    def encoder(self, with_answer: bool, kept_views_only: bool = False) -> PlanningEncoder:
+        return PlanningEncoder(super().encoder(with_answer and self.with_answers, kept_views_only), self.spec)
 
 
 @dataclass
