@@ -2,7 +2,8 @@
 
     python -m benchmarks.run_all [--only a,b] [--tiny] [--results-dir DIR] [-- extra args for every module]
 
-A module with `GPU_ONLY = True` (full-size models) runs only with `-- --device cuda` (or --tiny). Each module runs
+A module with `GPU_ONLY = True` (full-size models) runs only with `-- --device cuda` (or --tiny); one with
+`TRAINS_MODELS = True` (it trains what it measures) only when named in --only (or with --tiny). Each module runs
 in its own process (`python -m benchmarks.<name> --json ...`), so one benchmark's memory or a
 crash does not affect the next; its stdout must be exactly one JSON object (progress goes to stderr).
 """
@@ -63,6 +64,10 @@ def main(argv=None) -> int:
         module = __import__(f"benchmarks.{name}", fromlist=["NAME"])
         if getattr(module, "GPU_ONLY", False) and not device.startswith("cuda") and not args.tiny:
             print(f"== {name}: skipped (measures full-size models on a GPU: make bench-gpu)", flush=True)
+            continue
+        if getattr(module, "TRAINS_MODELS", False) and not args.only and not args.tiny:
+            print(f"== {name}: skipped (trains its models first, an hour or more on a CPU: --only {name} runs it)",
+                  flush=True)
             continue
         cmd = [sys.executable, "-m", f"benchmarks.{name}", "--json"] + (["--tiny"] if args.tiny else []) + extra
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)

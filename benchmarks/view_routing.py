@@ -43,6 +43,7 @@ from benchmarks.common import base_parser, emit, format_table, log, machine_info
 from benchmarks.datamodule import TOY_SIZES, temp_dir
 
 NAME = "view_routing"
+TRAINS_MODELS = True  # one toy model per seed before anything is timed: not part of a plain `make bench`
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT / "configs" / "experiment" / "toy_view_moe.yaml"
 # mode -> (view source of generate / forward, views.top_k)
