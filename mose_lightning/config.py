@@ -185,8 +185,9 @@ class SkillsConfig:
 
 
 @dataclass
-class SyntheticConfig:
-    """Size of the procedurally generated driving VQA set that make targets create when it is missing."""
+class SyntheticSetConfig:
+    """Size, seed and image size of a procedurally generated set (data_recipes/synthetic.py) that the toy make
+    targets create when it is missing."""
 
     out_dir: str = "artifacts/data/synthetic"
     num_train: int = 1200
@@ -195,19 +196,28 @@ class SyntheticConfig:
     seed: int = 0
     image_width: int = 224
     image_height: int = 126
+
+    # Which config section this is, for error messages.
+    _section = "data.synthetic"
+
+    def __post_init__(self) -> None:
+        for key in ("num_train", "num_val", "num_test"):
+            _at_least(self._section, key, getattr(self, key), 0)
+        if self.image_width < 64 or self.image_height < 36:
+            raise ConfigError(f"{self._section}.image_width/image_height: expected at least 64x36 (objects must stay "
+                              f"readable), got {self.image_width}x{self.image_height}")
+
+
+@dataclass
+class SyntheticConfig(SyntheticSetConfig):
+    """The single-view driving set."""
+
     # Add each scene's future ego trajectory, ego state, navigation command and scenario label (the `planning`
     # field, see data_recipes/synthetic.py); the planner stage needs it.
     trajectories: bool = False
     # Question family (data_recipes/synthetic.py): driving (the CODA-LM-style tasks, annotated with skills) or
     # perception (what is where in the same scenes, no skills; the miniature's backbone preparation).
     family: Literal["driving", "perception"] = "driving"
-
-    def __post_init__(self) -> None:
-        for key in ("num_train", "num_val", "num_test"):
-            _at_least("data.synthetic", key, getattr(self, key), 0)
-        if self.image_width < 64 or self.image_height < 36:
-            raise ConfigError(f"data.synthetic.image_width/image_height: expected at least 64x36 (objects must stay "
-                              f"readable), got {self.image_width}x{self.image_height}")
 
 
 @dataclass
@@ -553,16 +563,11 @@ class ViewPretrainConfig:
 
 
 @dataclass
-class ViewSyntheticConfig:
-    """The multi-view synthetic set the toy view configs create when it is missing (data_recipes/synthetic.py)."""
+class ViewSyntheticConfig(SyntheticSetConfig):
+    """The multi-view synthetic set the toy view configs create when it is missing."""
 
     out_dir: str = "artifacts/data/synthetic_views"
-    num_train: int = 1200
-    num_val: int = 150
-    num_test: int = 150
-    seed: int = 0
-    image_width: int = 224
-    image_height: int = 126
+    _section = "views.synthetic"
 
 
 @dataclass
