@@ -1070,6 +1070,7 @@ def make_multiview_sample(split: str, index: int, seed: int, width: int = 224, h
     )
 
 
+@holds_lock("out_dir", "mose data synthetic --multiview")
 def generate_synthetic_multiview(
     out_dir: str | os.PathLike,
     num_train: int = 1200,
